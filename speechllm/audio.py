@@ -1,0 +1,86 @@
+"""Audio in: decode any file to 16 kHz mono, cut it into Whisper windows, and turn a batch into log-mel features."""
+
+import math
+import subprocess
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+import whisper
+
+SAMPLE_RATE = whisper.audio.SAMPLE_RATE  # 16 kHz, what every Whisper expects
+HOP_LENGTH = whisper.audio.HOP_LENGTH  # samples per mel frame
+WINDOW_SAMPLES = whisper.audio.N_SAMPLES  # Whisper's 30 s receptive window
+ENCODER_STRIDE = 2  # Whisper's second conv halves the frame rate
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be read."""
+
+
+def load_audio(path: str) -> np.ndarray:
+    """Decode a file to float32 mono at 16 kHz: soundfile for wav/flac/ogg/opus/mp3, ffmpeg for anything else."""
+    try:
+        audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        audio = audio.mean(axis=1)
+    except FileNotFoundError:
+        raise AudioError(f"{path}: no such audio file") from None
+    except soundfile.LibsndfileError as error:
+        audio, sample_rate = _ffmpeg_decode(path, error), SAMPLE_RATE
+    if audio.size == 0:
+        raise AudioError(f"{path}: the file holds no audio")
+    if sample_rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, sample_rate, SAMPLE_RATE)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _ffmpeg_decode(path: str, soundfile_error: Exception) -> np.ndarray:
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"]
+    try:
+        output = subprocess.run(command, capture_output=True, check=True).stdout
+    except FileNotFoundError:
+        raise AudioError(f"{path}: cannot decode ({soundfile_error}); install ffmpeg for this format") from None
+    except subprocess.CalledProcessError as error:
+        raise AudioError(f"{path}: cannot decode: {error.stderr.decode(errors='replace').strip()}") from None
+    return np.frombuffer(output, np.int16).astype(np.float32) / 32768.0
+
+
+def split_windows(audio: np.ndarray) -> list[np.ndarray]:
+    """Cut audio longer than Whisper's window into consecutive windows, so nothing is ever truncated."""
+    return [audio[start : start + WINDOW_SAMPLES] for start in range(0, max(len(audio), 1), WINDOW_SAMPLES)]
+
+
+def num_frames(num_samples: int) -> int:
+    """Mel frames of a window (Whisper's STFT drops the last frame), at least one."""
+    return max(1, min(num_samples, WINDOW_SAMPLES) // HOP_LENGTH)
+
+
+def num_audio_tokens(num_samples: int, kernel_size: int) -> int:
+    """LLM positions one clip takes: mel frames, halved by Whisper's conv, divided by the projector's stride."""
+    tokens = 0
+    for start in range(0, max(num_samples, 1), WINDOW_SAMPLES):
+        encoder_frames = math.ceil(num_frames(num_samples - start) / ENCODER_STRIDE)
+        tokens += math.ceil(encoder_frames / kernel_size)
+    return tokens
+
+
+def log_mel_batch(windows: list[np.ndarray], n_mels: int, pad_frames_to: int | None) -> torch.Tensor:
+    """Log-mel features (windows, n_mels, frames) for a list of windows.
+
+    pad_frames_to=None pads every window to Whisper's 30 s (its native input). Otherwise the batch is padded only
+    to its longest window, rounded up to a multiple of pad_frames_to so the convolutions tile it exactly.
+    Padding is silence in the waveform, as Whisper itself pads, and each window is normalised on its own.
+    """
+    if pad_frames_to is None:
+        frames = num_frames(WINDOW_SAMPLES)
+    else:
+        longest = max(num_frames(len(window)) for window in windows)
+        frames = min(math.ceil(longest / pad_frames_to) * pad_frames_to, num_frames(WINDOW_SAMPLES))
+    mels = [
+        whisper.log_mel_spectrogram(torch.from_numpy(window), n_mels, padding=frames * HOP_LENGTH - len(window))[
+            :, :frames
+        ]
+        for window in windows
+    ]
+    return torch.stack(mels)

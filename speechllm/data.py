@@ -1,0 +1,95 @@
+"""jsonl datasets: one {"wav", "txt", "key"?, "prompt"?} object a line; every error names the file and line."""
+
+import json
+import os
+from dataclasses import dataclass
+
+import soundfile
+import torch
+
+from .audio import AudioError, load_audio
+
+
+class DataError(ValueError):
+    """A jsonl line that cannot be used, named by file and line."""
+
+
+@dataclass
+class Example:
+    key: str
+    wav: str  # absolute path
+    txt: str | None
+    prompt: str | None
+    duration: float | None  # seconds, when the jsonl says
+    where: str  # "file:line", for error messages
+
+
+def read_jsonl(path: str, require_text: bool = True) -> list[Example]:
+    """Parse and check every line up front, so a bad line fails before hours of work, not during them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    examples, keys = [], {}
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(item, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            fields = ["wav", "txt"] if require_text else ["wav"]
+            for field in fields:
+                if not isinstance(item.get(field), str):
+                    raise DataError(f"{where}: missing string field {field!r}")
+            wav = os.path.join(folder, item["wav"])  # an absolute "wav" stays absolute
+            if not os.path.isfile(wav):
+                raise DataError(f"{where}: audio file not found: {wav}")
+            key = str(item.get("key", number))
+            if key in keys:
+                raise DataError(f"{where}: key {key!r} already used on line {keys[key]}")
+            keys[key] = number
+            examples.append(Example(key, wav, item.get("txt"), item.get("prompt"), item.get("duration"), where))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def load_example_audio(example: Example):
+    try:
+        return load_audio(example.wav)
+    except AudioError as error:
+        raise DataError(f"{example.where}: {error}") from None
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    def __init__(self, path: str, require_text: bool = True):
+        self.examples = read_jsonl(path, require_text)
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        example = self.examples[index]
+        return {"audio": load_example_audio(example), "prompt": example.prompt, "txt": example.txt}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Audio length in milliseconds, for length-grouped sampling, without decoding any audio."""
+        return [round(1000 * (e.duration if e.duration is not None else _duration(e.wav))) for e in self.examples]
+
+
+def _duration(path: str) -> float:
+    info = soundfile.info(path)
+    return info.frames / info.samplerate if info.samplerate else 0.0
+
+
+class Collator:
+    """Items from SpeechDataset to a training batch (padded to the batch's own longest text and audio)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items):
+        return self.processor([i["audio"] for i in items], [i["prompt"] for i in items], [i["txt"] for i in items])

@@ -1,0 +1,45 @@
+"""The frozen Whisper encoder, for clips of any length up to 30 s, in any dtype."""
+
+import torch
+import torch.nn.functional as F
+import whisper
+from torch import nn
+
+from .whisper_formats import load_whisper_checkpoint
+
+
+class LayerNorm(nn.LayerNorm):
+    """Normalise in fp32 even when the weights were cast to bf16 (DeepSpeed casts the whole model)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
+
+
+class WhisperEncoder(whisper.model.AudioEncoder):
+    def __init__(self, dims: whisper.model.ModelDimensions):
+        super().__init__(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+        self.dims = dims
+        for block in self.blocks:
+            block.attn_ln, block.mlp_ln = LayerNorm(dims.n_audio_state), LayerNorm(dims.n_audio_state)
+        self.ln_post = LayerNorm(dims.n_audio_state)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel (batch, n_mels, frames) -> (batch, ceil(frames / 2), n_audio_state); frames may be fewer than 3000,
+        in which case the positional embedding is sliced to match."""
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+def load_whisper_encoder(name_or_path: str, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
+    """Whisper's encoder from any checkpoint format; the decoder's weights are never kept."""
+    dims, state_dict = load_whisper_checkpoint(name_or_path)
+    encoder = WhisperEncoder(dims)
+    prefix = "encoder."
+    encoder_state = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    encoder.load_state_dict(encoder_state, strict=True)
+    return encoder.to(dtype).requires_grad_(False).eval()

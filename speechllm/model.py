@@ -1,0 +1,224 @@
+"""SpeechLLM: frozen Whisper encoder -> trainable projector -> frozen chat LLM, with the audio spliced into the prompt."""
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from .audio import SAMPLE_RATE, load_audio
+from .encoder import load_whisper_encoder
+from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
+from .projector import Projector
+
+WEIGHTS_NAME = "model.safetensors"
+TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
+
+
+class SpeechLLMConfig(PretrainedConfig):
+    model_type = "speechllm"
+
+    def __init__(
+        self,
+        whisper_model_name_or_path: str = "large-v3",
+        llm_model_name_or_path: str = "Qwen/Qwen2.5-1.5B-Instruct",
+        projector_kernel_size: int = 5,
+        projector_hidden_size: int = 2048,
+        prompt: str = AUDIO_PLACEHOLDER + "Transcribe the audio.",
+        system_prompt: str | None = None,  # None keeps the chat template's own default
+        audio_mode: str = "dynamic",  # "dynamic": pad each batch to its longest clip; "window": Whisper's 30 s
+        model_dtype: str = "bfloat16",  # dtype of the frozen encoder and LLM
+        encoder_dim: int | None = None,  # filled in from the models, checked when a checkpoint is loaded
+        hidden_size: int | None = None,  # the LLM's; DeepSpeed's "auto" sizes read it
+        **kwargs,
+    ):
+        self.whisper_model_name_or_path = whisper_model_name_or_path
+        self.llm_model_name_or_path = llm_model_name_or_path
+        self.projector_kernel_size = projector_kernel_size
+        self.projector_hidden_size = projector_hidden_size
+        self.prompt = prompt
+        self.system_prompt = system_prompt
+        self.audio_mode = audio_mode
+        self.model_dtype = model_dtype
+        self.encoder_dim = encoder_dim
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+
+
+def load_llm(name_or_path: str, dtype: torch.dtype):
+    """An HF causal LM and its tokenizer from a hub name, a local folder, or a .gguf file."""
+    directory, gguf = name_or_path, {}
+    if str(name_or_path).endswith(".gguf"):
+        directory, gguf["gguf_file"] = os.path.split(os.path.abspath(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **gguf)
+        llm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **gguf)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the LLM {name_or_path!r}: {error}") from error
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the LLM {name_or_path!r} has no chat template: use a chat (instruct) model")
+    return llm.requires_grad_(False).eval(), tokenizer
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The LLM's own end-of-turn tokens: the tokenizer's eos first, then any its generation config adds."""
+    extra = generation_config.eos_token_id
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return list(dict.fromkeys([tokenizer.eos_token_id] + extra))
+
+
+class SpeechLLM(PreTrainedModel):
+    config_class = SpeechLLMConfig
+    base_model_prefix = "speechllm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: SpeechLLMConfig):
+        super().__init__(config)
+        dtype = getattr(torch, config.model_dtype)
+        self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
+        self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)
+        dims = {"encoder_dim": self.encoder.dims.n_audio_state, "hidden_size": self.llm.config.hidden_size}
+        for name, size in dims.items():
+            if getattr(config, name) not in (None, size):
+                raise ValueError(
+                    f"the checkpoint was trained with {name}={getattr(config, name)}, but the models loaded "
+                    f"({config.whisper_model_name_or_path!r}, {config.llm_model_name_or_path!r}) have {size}"
+                )
+            setattr(config, name, size)
+        self.projector = Projector(
+            config.encoder_dim, config.hidden_size, config.projector_kernel_size, config.projector_hidden_size
+        )
+        self.processor = Processor(
+            self.tokenizer,
+            stop_token_ids(self.tokenizer, self.llm.generation_config),
+            prompt=config.prompt,
+            system_prompt=config.system_prompt,
+            n_mels=self.encoder.dims.n_mels,
+            kernel_size=config.projector_kernel_size,
+            audio_mode=config.audio_mode,
+        )
+
+    # --- forward -------------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids, audio_mask, mel, audio_tokens) -> torch.Tensor:
+        """The LLM's input embeddings with each clip's projected audio written over its placeholder positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        with torch.no_grad():
+            features = self.encoder(mel)
+        audio = self.projector(features)  # (windows, tokens, hidden): each window's real tokens come first
+        real = torch.arange(audio.shape[1], device=audio.device) < audio_tokens[:, None]
+        if real.sum() != audio_mask.sum():
+            raise ValueError(f"{int(audio_mask.sum())} audio positions in the prompt, {int(real.sum())} audio tokens")
+        return embeds.masked_scatter(audio_mask[..., None], audio[real].to(embeds.dtype))
+
+    def forward(self, input_ids, attention_mask, audio_mask, mel, audio_tokens, labels=None, num_items_in_batch=None):
+        inputs_embeds = self.embed(input_ids, audio_mask, mel, audio_tokens)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+        if labels is None:
+            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+        # Answers are left-padded to the end, so only the last positions need the (vocabulary-sized) output layer.
+        supervised = (labels != IGNORE_INDEX).any(0).nonzero()
+        keep = labels.shape[1] - int(supervised[0]) + 1 if len(supervised) else 1
+        output = self.llm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+        )
+        targets = labels[:, labels.shape[1] - keep + 1 :]  # the logits at position t predict the token at t + 1
+        loss = F.cross_entropy(
+            output.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        output.loss = loss / (num_items_in_batch or (targets != IGNORE_INDEX).sum().clamp(min=1))
+        return output
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, audio_mask, mel, audio_tokens, **generate_kwargs) -> torch.Tensor:
+        """New token ids only (left-padded batch in, as the Processor makes it)."""
+        generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
+        generate_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
+        inputs_embeds = self.embed(input_ids, audio_mask, mel, audio_tokens)
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def transcribe_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None) -> list[str]:
+        """One batch of 16 kHz arrays to text, greedy (num_beams=1) or beam search."""
+        longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
+        max_new_tokens = max_new_tokens or math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+        batch = self.processor(audios, prompts or [None] * len(audios))
+        batch = {name: tensor.to(self.llm.device) for name, tensor in batch.items()}
+        tokens = self.generate(**batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def transcribe(self, audio, prompt=None, num_beams=1, batch_size=8, max_new_tokens=None):
+        """Audio file paths or 16 kHz arrays, one or a list, to text (a string or a list of strings)."""
+        single = isinstance(audio, (str, os.PathLike)) or (isinstance(audio, np.ndarray) and audio.ndim == 1)
+        clips = [audio] if single else list(audio)
+        clips = [load_audio(c) if isinstance(c, (str, os.PathLike)) else np.asarray(c, np.float32) for c in clips]
+        texts = []
+        for start in range(0, len(clips), batch_size):
+            batch = clips[start : start + batch_size]
+            texts += self.transcribe_batch(batch, [prompt] * len(batch), num_beams, max_new_tokens)
+        return texts[0] if single else texts
+
+    # --- HF plumbing: the frozen models are rebuilt from their names, only the projector is stored ------------
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.llm.gradient_checkpointing_disable()
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **ignored):
+        """The config and the projector's weights, nothing of the frozen models (gathered under ZeRO-3)."""
+        with _gathered(list(self.projector.parameters())):
+            state = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+        if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            self.config.save_pretrained(save_directory)
+            safetensors.torch.save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "SpeechLLM":
+        """Rebuild encoder and LLM from the names in the saved config (or overrides, e.g. local paths), then load
+        the projector strictly."""
+        config = SpeechLLMConfig.from_pretrained(path)
+        for name, value in overrides.items():
+            if not hasattr(config, name):
+                raise ValueError(f"{name!r} is not a SpeechLLMConfig field")
+            setattr(config, name, value)
+        model = cls(config)
+        model.load_projector(path)
+        return model
+
+    def load_projector(self, path):
+        file = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no projector weights here")
+        saved = safetensors.torch.load_file(file)
+        expected = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        models = f"{self.config.whisper_model_name_or_path!r} + {self.config.llm_model_name_or_path!r}"
+        missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"{file} does not fit the projector for {models}: missing {missing}, unexpected {unexpected}")
+        for key, tensor in saved.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(
+                    f"{file}: {key} has shape {tuple(tensor.shape)}, the projector for {models} needs "
+                    f"{tuple(expected[key].shape)}"
+                )
+        self.projector.load_state_dict({key[len("projector.") :]: tensor for key, tensor in saved.items()})
+
+
+def _gathered(parameters):
+    """Under ZeRO-3 each rank holds a shard: gather just these parameters for reading."""
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters)
+    return contextlib.nullcontext()

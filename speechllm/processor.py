@@ -1,0 +1,89 @@
+"""Text and audio in, model inputs out: the chat prompt with the audio placeholder, labels, and log-mel features.
+
+One placeholder layer serves every task: plain ASR ("<speech>Transcribe the audio."), error correction (Whisper's
+n-best hypotheses written into the prompt around "<speech>"), and speech as a prompt (a spoken instruction, with
+text before or after it). The placeholder is expanded to as many positions as the clip has audio tokens, and the
+model writes the projected audio over exactly those positions.
+"""
+
+import numpy as np
+import torch
+
+from .audio import ENCODER_STRIDE, log_mel_batch, num_audio_tokens, split_windows
+
+AUDIO_PLACEHOLDER = "<speech>"
+IGNORE_INDEX = -100  # positions the loss skips
+
+
+class Processor:
+    def __init__(self, tokenizer, stop_token_ids, *, prompt, system_prompt, n_mels, kernel_size, audio_mode):
+        if audio_mode not in ("dynamic", "window"):
+            raise ValueError(f"audio_mode must be 'dynamic' or 'window', not {audio_mode!r}")
+        self.tokenizer = tokenizer
+        self.stop_token_ids = list(stop_token_ids)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        self.prompt, self.system_prompt = prompt, system_prompt
+        self.n_mels, self.kernel_size, self.audio_mode = n_mels, kernel_size, audio_mode
+        self._prompt_cache = {}
+
+    def _messages(self, prompt: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return system + [{"role": "user", "content": prompt}]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the chat template holds every special
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids of the chat up to the assistant's turn, split at the audio placeholder."""
+        if prompt not in self._prompt_cache:
+            if prompt.count(AUDIO_PLACEHOLDER) != 1:
+                raise ValueError(f"a prompt must contain {AUDIO_PLACEHOLDER!r} exactly once: {prompt!r}")
+            chat = self.tokenizer.apply_chat_template(self._messages(prompt), tokenize=False, add_generation_prompt=True)
+            before, after = chat.split(AUDIO_PLACEHOLDER)
+            self._prompt_cache[prompt] = self._encode(before), self._encode(after)
+        return self._prompt_cache[prompt]
+
+    def response_ids(self, prompt: str, response: str) -> list[int]:
+        """The assistant's answer and its end-of-turn token, as the chat template writes them; nothing after."""
+        messages = self._messages(prompt)
+        chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(chat):
+            raise ValueError("the chat template does not render a reply as a continuation of the generation prompt")
+        ids = self._encode(full[len(chat) :])
+        ends = [i for i, token in enumerate(ids) if token in self.stop_token_ids]
+        return ids[: ends[0] + 1] if ends else ids + self.stop_token_ids[:1]
+
+    def __call__(self, audios: list[np.ndarray], prompts: list[str | None], responses: list[str] | None = None):
+        """A left-padded batch: input_ids, attention_mask, audio_mask, mel, audio_tokens (per window), labels."""
+        windows, audio_tokens, rows = [], [], []
+        for i, (audio, prompt) in enumerate(zip(audios, prompts)):
+            clip_windows = split_windows(audio)
+            windows += clip_windows
+            audio_tokens += [num_audio_tokens(len(window), self.kernel_size) for window in clip_windows]
+            before, after = self.prompt_ids(prompt or self.prompt)
+            n_audio = sum(audio_tokens[-len(clip_windows) :])
+            ids = before + [self.pad_token_id] * n_audio + after
+            is_audio = [False] * len(before) + [True] * n_audio + [False] * len(after)
+            labels = [IGNORE_INDEX] * len(ids)
+            if responses is not None:
+                answer = self.response_ids(prompt or self.prompt, responses[i])
+                ids, is_audio, labels = ids + answer, is_audio + [False] * len(answer), labels + answer
+            rows.append((ids, is_audio, labels))
+
+        length = max(len(ids) for ids, _, _ in rows)
+        batch = {
+            "input_ids": torch.tensor([[self.pad_token_id] * (length - len(r[0])) + r[0] for r in rows]),
+            "attention_mask": torch.tensor([[0] * (length - len(r[0])) + [1] * len(r[0]) for r in rows]),
+            "audio_mask": torch.tensor([[False] * (length - len(r[1])) + r[1] for r in rows]),
+            "mel": log_mel_batch(windows, self.n_mels, self.pad_frames_to),
+            "audio_tokens": torch.tensor(audio_tokens),
+        }
+        if responses is not None:
+            batch["labels"] = torch.tensor([[IGNORE_INDEX] * (length - len(r[2])) + r[2] for r in rows])
+        return batch
+
+    @property
+    def pad_frames_to(self) -> int | None:
+        """Dynamic batches pad mel frames to a multiple of both strides, so every frame lands in a whole token."""
+        return ENCODER_STRIDE * self.kernel_size if self.audio_mode == "dynamic" else None

@@ -1,0 +1,102 @@
+"""Training glue: argument dataclasses and a Trainer that stores and restores only the projector."""
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import Collator, SpeechDataset
+from .model import SpeechLLM, SpeechLLMConfig
+
+_DEFAULTS = SpeechLLMConfig()
+
+
+@dataclass
+class ModelArguments:
+    whisper_model_name_or_path: str = field(
+        default=_DEFAULTS.whisper_model_name_or_path,
+        metadata={"help": "openai-whisper name or .pt, faster-whisper/CTranslate2 folder, or HF Whisper folder"},
+    )
+    llm_model_name_or_path: str = field(
+        default=_DEFAULTS.llm_model_name_or_path, metadata={"help": "HF chat model: hub name, folder or .gguf file"}
+    )
+    projector_model_path: str | None = field(
+        default=None, metadata={"help": "start from this saved SpeechLLM's projector (and its prompt/sizes)"}
+    )
+    projector_kernel_size: int = _DEFAULTS.projector_kernel_size
+    projector_hidden_size: int = _DEFAULTS.projector_hidden_size
+    prompt: str = field(default=_DEFAULTS.prompt, metadata={"help": "user turn, with <speech> where the audio goes"})
+    system_prompt: str | None = field(default=None, metadata={"help": "default: the chat template's own"})
+    audio_mode: str = field(default=_DEFAULTS.audio_mode, metadata={"choices": ["dynamic", "window"]})
+    model_dtype: str = field(default=_DEFAULTS.model_dtype, metadata={"choices": ["bfloat16", "float16", "float32"]})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": 'training jsonl: {"wav", "txt", "key"?, "prompt"?} a line'})
+    eval_data_path: str | None = field(default=None, metadata={"help": "jsonl for evaluation loss"})
+
+
+def build_model(model_args: ModelArguments) -> SpeechLLM:
+    if model_args.projector_model_path:
+        overrides = {
+            "whisper_model_name_or_path": model_args.whisper_model_name_or_path,
+            "llm_model_name_or_path": model_args.llm_model_name_or_path,
+            "model_dtype": model_args.model_dtype,
+        }
+        return SpeechLLM.from_pretrained(model_args.projector_model_path, **overrides)
+    config = {k: v for k, v in asdict(model_args).items() if k != "projector_model_path"}
+    return SpeechLLM(SpeechLLMConfig(**config))
+
+
+class SpeechLLMTrainer(Trainer):
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
+        self.model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        (model or self.model).load_projector(resume_from_checkpoint)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset or self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length":
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+
+def _init_cpu_distributed(argv: list[str]):
+    """DeepSpeed on CPU ranks needs gloo, set up before TrainingArguments pick a backend."""
+    if "--deepspeed" in argv and "WORLD_SIZE" in os.environ and not torch.cuda.is_available():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    _init_cpu_distributed(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
+
+    model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
+    train_data = SpeechDataset(data_args.data_path)
+    eval_data = SpeechDataset(data_args.eval_data_path) if data_args.eval_data_path else None
+    trainer = SpeechLLMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=Collator(model.processor),
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume is None and os.path.isdir(training_args.output_dir):
+        resume = get_last_checkpoint(training_args.output_dir)  # pick up where an interrupted run stopped
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    return trainer
