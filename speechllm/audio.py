@@ -65,22 +65,21 @@ def num_audio_tokens(num_samples: int, kernel_size: int) -> int:
     return tokens
 
 
-def log_mel_batch(windows: list[np.ndarray], n_mels: int, pad_frames_to: int | None) -> torch.Tensor:
-    """Log-mel features (windows, n_mels, frames) for a list of windows.
+def log_mel_batch(windows: list[np.ndarray], n_mels: int, pad_frames_to: int | None):
+    """Log-mel features (windows, n_mels, frames) and each window's own frame count.
 
-    pad_frames_to=None pads every window to Whisper's 30 s (its native input). Otherwise the batch is padded only
-    to its longest window, rounded up to a multiple of pad_frames_to so the convolutions tile it exactly.
-    Padding is silence in the waveform, as Whisper itself pads, and each window is normalised on its own.
+    pad_frames_to=None is Whisper's native input: every window padded with silence to 30 s, all frames real.
+    Otherwise each window's features cover just its own audio, and the batch is zero-padded to its longest window,
+    rounded up to a multiple of pad_frames_to so the strides tile it; the encoder masks what lies past a window's
+    frames, so a clip is encoded the same whatever batch it is in.
     """
     if pad_frames_to is None:
-        frames = num_frames(WINDOW_SAMPLES)
-    else:
-        longest = max(num_frames(len(window)) for window in windows)
-        frames = min(math.ceil(longest / pad_frames_to) * pad_frames_to, num_frames(WINDOW_SAMPLES))
-    mels = [
-        whisper.log_mel_spectrogram(torch.from_numpy(window), n_mels, padding=frames * HOP_LENGTH - len(window))[
-            :, :frames
-        ]
-        for window in windows
-    ]
-    return torch.stack(mels)
+        mels = [whisper.log_mel_spectrogram(torch.from_numpy(w), n_mels, padding=WINDOW_SAMPLES - len(w)) for w in windows]
+        mel = torch.stack([m[:, : num_frames(WINDOW_SAMPLES)] for m in mels])
+        return mel, torch.full((len(windows),), mel.shape[-1])
+    frames = [num_frames(len(window)) for window in windows]
+    mel = torch.zeros(len(windows), n_mels, math.ceil(max(frames) / pad_frames_to) * pad_frames_to)
+    for i, (window, n) in enumerate(zip(windows, frames)):
+        padding = n * HOP_LENGTH - len(window) if len(window) < HOP_LENGTH else 0  # a click still makes a frame
+        mel[i, :, :n] = whisper.log_mel_spectrogram(torch.from_numpy(window), n_mels, padding=padding)[:, :n]
+    return mel, torch.tensor(frames)

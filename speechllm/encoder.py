@@ -5,6 +5,7 @@ import torch.nn.functional as F
 import whisper
 from torch import nn
 
+from .audio import ENCODER_STRIDE
 from .whisper_formats import load_whisper_checkpoint
 
 
@@ -24,15 +25,30 @@ class WhisperEncoder(whisper.model.AudioEncoder):
             block.attn_ln, block.mlp_ln = LayerNorm(dims.n_audio_state), LayerNorm(dims.n_audio_state)
         self.ln_post = LayerNorm(dims.n_audio_state)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel (batch, n_mels, frames) -> (batch, ceil(frames / 2), n_audio_state); frames may be fewer than 3000,
-        in which case the positional embedding is sliced to match."""
-        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
+    def forward(self, mel: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
+        """mel (batch, n_mels, frames) -> (batch, ceil(frames / 2), n_audio_state), frames up to 3000.
+
+        Frames past each window's mel_frames are padding: zeroed before each convolution and never attended to,
+        and their outputs are zero, so a window's encoding does not depend on what it is batched with.
+        """
+        real = torch.arange(mel.shape[-1], device=mel.device) < mel_frames[:, None]
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype))) * real[:, None]
         x = F.gelu(self.conv2(x)).transpose(1, 2)
+        real = real[:, ::ENCODER_STRIDE]  # frame t of conv2's output is real when input frame 2t is
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        key_mask = real[:, None, None, :]  # (batch, heads, queries, keys)
         for block in self.blocks:
-            x = block(x)
-        return self.ln_post(x)
+            x = x + self_attention(block.attn, block.attn_ln(x), key_mask)
+            x = x + block.mlp(block.mlp_ln(x))
+        return self.ln_post(x) * real[..., None]
+
+
+def self_attention(attention: whisper.model.MultiHeadAttention, x: torch.Tensor, key_mask: torch.Tensor):
+    """Whisper's self-attention, plus a key mask for padded frames (Whisper's own takes only a causal mask)."""
+    split = lambda t: t.unflatten(-1, (attention.n_head, -1)).transpose(1, 2)  # noqa: E731
+    q, k, v = split(attention.query(x)), split(attention.key(x)), split(attention.value(x))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    return attention.out(out.transpose(1, 2).flatten(2))
 
 
 def load_whisper_encoder(name_or_path: str, dtype: torch.dtype = torch.float32) -> WhisperEncoder:

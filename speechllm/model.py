@@ -77,6 +77,7 @@ class SpeechLLM(PreTrainedModel):
     base_model_prefix = "speechllm"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch only when told: forward has no **kwargs
 
     def __init__(self, config: SpeechLLMConfig):
         super().__init__(config)
@@ -106,19 +107,21 @@ class SpeechLLM(PreTrainedModel):
 
     # --- forward -------------------------------------------------------------------------------------------------
 
-    def embed(self, input_ids, audio_mask, mel, audio_tokens) -> torch.Tensor:
+    def embed(self, input_ids, audio_mask, mel, mel_frames, audio_tokens) -> torch.Tensor:
         """The LLM's input embeddings with each clip's projected audio written over its placeholder positions."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         with torch.no_grad():
-            features = self.encoder(mel)
+            features = self.encoder(mel, mel_frames)
         audio = self.projector(features)  # (windows, tokens, hidden): each window's real tokens come first
         real = torch.arange(audio.shape[1], device=audio.device) < audio_tokens[:, None]
         if real.sum() != audio_mask.sum():
             raise ValueError(f"{int(audio_mask.sum())} audio positions in the prompt, {int(real.sum())} audio tokens")
         return embeds.masked_scatter(audio_mask[..., None], audio[real].to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask, audio_mask, mel, audio_tokens, labels=None, num_items_in_batch=None):
-        inputs_embeds = self.embed(input_ids, audio_mask, mel, audio_tokens)
+    def forward(
+        self, input_ids, attention_mask, audio_mask, mel, mel_frames, audio_tokens, labels=None, num_items_in_batch=None
+    ):
+        inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
@@ -136,11 +139,11 @@ class SpeechLLM(PreTrainedModel):
         return output
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, audio_mask, mel, audio_tokens, **generate_kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask, audio_mask, mel, mel_frames, audio_tokens, **generate_kwargs) -> torch.Tensor:
         """New token ids only (left-padded batch in, as the Processor makes it)."""
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
-        inputs_embeds = self.embed(input_ids, audio_mask, mel, audio_tokens)
+        inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens)
         return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def transcribe_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None) -> list[str]:

@@ -55,7 +55,8 @@ class Processor:
         return ids[: ends[0] + 1] if ends else ids + self.stop_token_ids[:1]
 
     def __call__(self, audios: list[np.ndarray], prompts: list[str | None], responses: list[str] | None = None):
-        """A left-padded batch: input_ids, attention_mask, audio_mask, mel, audio_tokens (per window), labels."""
+        """A left-padded batch: input_ids, attention_mask, audio_mask, labels, and per window mel, mel_frames and
+        audio_tokens."""
         windows, audio_tokens, rows = [], [], []
         for i, (audio, prompt) in enumerate(zip(audios, prompts)):
             clip_windows = split_windows(audio)
@@ -72,11 +73,13 @@ class Processor:
             rows.append((ids, is_audio, labels))
 
         length = max(len(ids) for ids, _, _ in rows)
+        mel, mel_frames = log_mel_batch(windows, self.n_mels, self.pad_frames_to)
         batch = {
             "input_ids": torch.tensor([[self.pad_token_id] * (length - len(r[0])) + r[0] for r in rows]),
             "attention_mask": torch.tensor([[0] * (length - len(r[0])) + [1] * len(r[0]) for r in rows]),
             "audio_mask": torch.tensor([[False] * (length - len(r[1])) + r[1] for r in rows]),
-            "mel": log_mel_batch(windows, self.n_mels, self.pad_frames_to),
+            "mel": mel,
+            "mel_frames": mel_frames,
             "audio_tokens": torch.tensor(audio_tokens),
         }
         if responses is not None:

@@ -5,7 +5,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from accelerate.utils import DeepSpeedSchedulerWrapper
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -54,9 +56,23 @@ def build_model(model_args: ModelArguments) -> SpeechLLM:
 
 
 class SpeechLLMTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:  # DeepSpeed checkpoints hold no frozen weights (below): resume without them
+            self.model.register_load_state_dict_post_hook(_frozen_weights_optional)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
         self.model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str):
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # By default DeepSpeed also stores each rank's shard of every frozen weight (ZeRO-3: over the ranks, the
+        # whole encoder and LLM, gigabytes a checkpoint); they are rebuilt from their names, so leave them out.
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         (model or self.model).load_projector(resume_from_checkpoint)
@@ -67,6 +83,12 @@ class SpeechLLMTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+
+def _frozen_weights_optional(model, incompatible_keys):
+    """A load_state_dict post-hook: the frozen weights may be missing (DeepSpeed's resume loads strictly)."""
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if key not in frozen]
 
 
 def _init_cpu_distributed(argv: list[str]):
@@ -84,6 +106,7 @@ def main(argv: list[str] | None = None):
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
 
+    set_seed(training_args.seed)  # before the projector is initialised (the Trainer seeds only after that)
     model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
     train_data = SpeechDataset(data_args.data_path)
     eval_data = SpeechDataset(data_args.eval_data_path) if data_args.eval_data_path else None

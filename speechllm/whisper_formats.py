@@ -64,13 +64,13 @@ _HF_LAYER = {
 def _read_bytes(source) -> Union[bytes, bytearray]:
     if hasattr(source, "read"):
         return source.read()
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        directory, count = Path(source), len(list(Path(source).glob("model.bin.part*")))
-        source = [directory / "model.bin"] if (directory / "model.bin").is_file() else [
+    paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    if len(paths) == 1 and paths[0].is_dir():
+        directory, count = paths[0], len(list(paths[0].glob("model.bin.part*")))
+        paths = [directory / "model.bin"] if (directory / "model.bin").is_file() else [
             directory / f"model.bin.part{i}" for i in range(1, count + 1)]  # a split model
-    paths = [Path(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)]
-    if not paths:
-        raise ValueError(f"{directory}: no model.bin nor model.bin.part1..N")
+        if not paths:
+            raise ValueError(f"{directory}: no model.bin nor model.bin.part1..N")
     # One buffer for the whole stream: parts are read back to back, never joined on disk.
     buffer = bytearray(sum(p.stat().st_size for p in paths))
     view, offset = memoryview(buffer), 0

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 from speechllm import SpeechLLM, SpeechLLMConfig
 from tiny_models import make_llm, make_whisper, write_jsonl, write_tone

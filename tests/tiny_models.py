@@ -55,6 +55,7 @@ def make_llm(directory: str, family: str = "qwen2", seed: int = 0) -> str:
     sizes = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.3,  # logits with range: a frozen random LM the projector can steer
     )
     if family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**sizes, tie_word_embeddings=True))
@@ -68,11 +69,11 @@ def make_llm(directory: str, family: str = "qwen2", seed: int = 0) -> str:
     return directory
 
 
-def make_whisper(path: str, n_mels: int = 80, seed: int = 0) -> str:
+def make_whisper(path: str, n_mels: int = 80, n_state: int = 48, seed: int = 0) -> str:
     """Save a tiny openai-whisper checkpoint (.pt) with the real 30 s context; return the path."""
     torch.manual_seed(seed)
     dims = whisper.model.ModelDimensions(
-        n_mels=n_mels, n_audio_ctx=1500, n_audio_state=48, n_audio_head=2, n_audio_layer=2,
+        n_mels=n_mels, n_audio_ctx=1500, n_audio_state=n_state, n_audio_head=2, n_audio_layer=2,
         n_vocab=128, n_text_ctx=16, n_text_state=48, n_text_head=2, n_text_layer=1,
     )
     model = whisper.model.Whisper(dims)

@@ -1,0 +1,37 @@
+import numpy as np
+import torch
+import whisper
+
+from speechllm.audio import SAMPLE_RATE, log_mel_batch
+from speechllm.encoder import load_whisper_encoder
+
+
+def test_full_window_matches_whispers_own_encoder(tiny):
+    encoder = load_whisper_encoder(tiny["whisper"])
+    reference = whisper.model.AudioEncoder(*[getattr(encoder.dims, f) for f in ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")])
+    reference.load_state_dict(encoder.state_dict())
+    mel = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(mel, torch.tensor([3000, 3000])), reference(mel), atol=1e-5, rtol=1e-5)
+
+
+def test_a_clip_encodes_the_same_alone_and_in_a_padded_batch(tiny):
+    encoder = load_whisper_encoder(tiny["whisper"])
+    rng = np.random.default_rng(0)
+    short, long = (rng.standard_normal(int(s * SAMPLE_RATE)).astype(np.float32) * 0.1 for s in (1.23, 4.5))
+    with torch.no_grad():
+        alone = encoder(*log_mel_batch([short], 80, pad_frames_to=10))
+        batched = encoder(*log_mel_batch([short, long], 80, pad_frames_to=10))
+    assert alone.shape[1] < batched.shape[1]
+    torch.testing.assert_close(batched[0, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
+    assert batched[0, alone.shape[1] :].abs().max() == 0  # padding comes out as zeros
+
+
+def test_bf16_weights_still_normalise_in_fp32(tiny):
+    encoder = load_whisper_encoder(tiny["whisper"], dtype=torch.bfloat16)
+    mel = torch.randn(1, 80, 200)
+    with torch.no_grad():
+        out = encoder(mel, torch.tensor([200]))
+        full = load_whisper_encoder(tiny["whisper"])(mel, torch.tensor([200]))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), full, atol=0.1, rtol=0.05)

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from speechllm import SpeechLLM
+from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.data import Collator, SpeechDataset
+from speechllm.encoder import load_whisper_encoder
+from speechllm.model import load_llm
+from tiny_models import make_whisper
+
+
+def tones(dataset):
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_only_the_projector_learns(make_model, tiny):
+    model = make_model()
+    batch = Collator(model.processor)(tones(SpeechDataset(tiny["jsonl"])))
+    model(**batch).loss.backward()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"projector.{name}" for name, _ in model.projector.named_parameters()}
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("projector."))
+    assert all(p.grad.abs().sum() > 0 for p in model.projector.parameters())
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "llama"])
+def test_overfits_a_few_examples(make_model, tiny, llm):
+    model = make_model(llm, projector_hidden_size=128, projector_kernel_size=2)
+    dataset = SpeechDataset(tiny["jsonl"])
+    batch = Collator(model.processor)(tones(dataset))
+    optimizer = torch.optim.Adam(model.projector.parameters(), lr=5e-3)
+    steps = 300
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+    if llm == "qwen2":  # where pad == eos: the answers come back whole and nothing follows them
+        assert model.transcribe([e.wav for e in dataset.examples]) == tiny["texts"]
+
+
+def test_save_and_from_pretrained_give_identical_outputs(make_model, tiny, tmp_path):
+    model = make_model(projector_kernel_size=4)
+    torch.nn.init.normal_(model.projector.linear2.weight)  # not the initialisation a fresh model would get
+    model.save_pretrained(tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    assert set(saved) == {f"projector.{k}" for k in model.projector.state_dict()}
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert loaded.config.projector_kernel_size == 4
+    batch = Collator(model.processor)(tones(SpeechDataset(tiny["jsonl"])))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_that_does_not_fit_the_models_is_refused(make_model, tiny, tmp_path):
+    make_model().save_pretrained(tmp_path)
+    wider = make_whisper(str(tmp_path / "wider.pt"), n_state=64)
+    with pytest.raises(ValueError, match=r"encoder_dim=48.*wider\.pt.*64"):
+        SpeechLLM.from_pretrained(tmp_path, whisper_model_name_or_path=wider)
+    with pytest.raises(ValueError, match=r"linear1\.bias has shape \(32,\).*needs \(16,\)"):
+        SpeechLLM.from_pretrained(tmp_path, projector_hidden_size=16)
+    weights = tmp_path / "model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    state["projector.extra"] = torch.zeros(1)
+    del state["projector.conv.bias"]
+    safetensors.torch.save_file(state, weights)
+    with pytest.raises(ValueError, match=r"missing \['projector.conv.bias'\], unexpected \['projector.extra'\]"):
+        SpeechLLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not_a_field"):
+        SpeechLLM.from_pretrained(tmp_path, not_a_field=1)
+
+
+def test_unknown_model_names_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no-such-llm"):
+        load_llm(str(tmp_path / "no-such-llm"), torch.float32)
+    with pytest.raises(ValueError, match="no-such-whisper"):
+        load_whisper_encoder("no-such-whisper")
+
+
+def test_batched_greedy_equals_one_at_a_time(make_model, tiny):
+    model = make_model()
+    torch.nn.init.normal_(model.projector.linear2.weight, std=0.5)  # audio that actually moves the output
+    paths = [e.wav for e in SpeechDataset(tiny["jsonl"]).examples]
+    batched = model.transcribe(paths, batch_size=4, max_new_tokens=12)
+    single = [model.transcribe(path, max_new_tokens=12) for path in paths]
+    assert batched == single
+    assert len(set(batched)) > 1  # distinct clips, distinct outputs: the comparison means something
+
+
+def test_beam_search_and_both_audio_modes(make_model, tiny):
+    paths = [e.wav for e in SpeechDataset(tiny["jsonl"]).examples]
+    for mode in ("dynamic", "window"):
+        model = make_model(audio_mode=mode)
+        batch = model.processor([load_audio(p) for p in paths], [None] * len(paths))
+        assert batch["mel"].shape[-1] == (3000 if mode == "window" else 210)  # the longest tone is 2.1 s
+        texts = model.transcribe(paths, num_beams=3, max_new_tokens=5)
+        assert len(texts) == len(paths) and all(isinstance(t, str) for t in texts)
+
+
+def test_n_mels_comes_from_the_checkpoint_and_long_audio_is_kept(make_model):
+    model = make_model(whisper="whisper128")
+    long_clip = np.random.default_rng(0).standard_normal(SAMPLE_RATE * 45).astype(np.float32) * 0.1
+    batch = model.processor([long_clip], [None])
+    assert batch["mel"].shape[:2] == (2, 128)  # two windows of 128-bin features
+    with torch.no_grad():
+        assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+    assert isinstance(model.transcribe(long_clip, max_new_tokens=3), str)

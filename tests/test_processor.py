@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from speechllm import AUDIO_PLACEHOLDER
+from speechllm.audio import SAMPLE_RATE, WINDOW_SAMPLES, num_audio_tokens
+from speechllm.processor import IGNORE_INDEX
+
+
+def clip(seconds):
+    return np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32) * 0.1
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "llama"])
+def test_placeholder_expands_to_each_clips_token_count(make_model, llm):
+    model = make_model(llm)
+    seconds = [0.3, 1.0, 4.2, 31.0]  # the last spans two windows
+    batch = model.processor([clip(s) for s in seconds], [None] * 4)
+    counts = [num_audio_tokens(int(s * SAMPLE_RATE), model.config.projector_kernel_size) for s in seconds]
+    assert batch["audio_mask"].sum(1).tolist() == counts
+    window = num_audio_tokens(WINDOW_SAMPLES, model.config.projector_kernel_size)
+    assert batch["audio_tokens"].tolist() == [counts[0], counts[1], counts[2], window, counts[3] - window]
+    before, after = model.processor.prompt_ids(model.config.prompt)
+    for row, count in zip(range(4), counts):
+        real = batch["attention_mask"][row].bool()
+        ids, is_audio = batch["input_ids"][row][real].tolist(), batch["audio_mask"][row][real].tolist()
+        assert ids[: len(before)] == before and ids[len(before) + count :] == after  # the audio sits in the user turn
+        assert is_audio == [False] * len(before) + [True] * count + [False] * len(after)
+    assert not batch["audio_mask"][~batch["attention_mask"].bool()].any()  # padding is never audio
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "llama"])
+def test_labels_cover_the_answer_and_its_end_of_turn_only(make_model, llm):
+    model = make_model(llm)
+    processor = model.processor
+    batch = processor([clip(1.0), clip(2.0)], [None, None], ["hello world", "one two three"])
+    for row, answer in enumerate(["hello world", "one two three"]):
+        labels = batch["labels"][row]
+        supervised = labels[labels != IGNORE_INDEX].tolist()
+        assert processor.tokenizer.decode(supervised[:-1]) == answer
+        assert supervised[-1] == processor.stop_token_ids[0]  # the end-of-turn token is learned...
+        assert batch["attention_mask"][row][-1] == 1  # ...and attended to, although for qwen2 pad == eos
+        n = len(supervised)
+        assert (labels[:-n] == IGNORE_INDEX).all() and (labels[-n:] != IGNORE_INDEX).all()  # prompt and audio masked
+
+
+def test_text_before_and_after_the_audio(make_model):
+    model = make_model()
+    prompt = f"Hypotheses: hello word | hello world\n{AUDIO_PLACEHOLDER}\nCorrect the transcript."
+    batch = model.processor([clip(1.0)], [prompt], ["hello world"])
+    text = model.tokenizer.decode(batch["input_ids"][0][~batch["audio_mask"][0]])
+    assert "Hypotheses: hello word | hello world\n" in text and "\nCorrect the transcript." in text
+    assert text.index("Hypotheses") < text.index("Correct")
+
+
+def test_each_example_may_bring_its_own_prompt(make_model):
+    model = make_model()
+    batch = model.processor([clip(1.0), clip(1.0)], ["Summarise: " + AUDIO_PLACEHOLDER, None])
+    first, second = (model.tokenizer.decode(batch["input_ids"][i][~batch["audio_mask"][i]]) for i in range(2))
+    assert "Summarise: " in first and "Summarise" not in second
+    assert "Transcribe the audio." in second
+
+
+def test_prompt_without_placeholder_is_an_error(make_model):
+    model = make_model()
+    with pytest.raises(ValueError, match="exactly once"):
+        model.processor([clip(1.0)], ["no audio here"])
