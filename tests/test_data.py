@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+
+from speechllm.data import Collator, DataError, SpeechDataset, read_jsonl
+from tiny_models import write_tone
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_tone(str(tmp_path / "a.wav"), 1.0, 300)
+    return tmp_path
+
+
+def write(folder, *lines):
+    path = folder / "data.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_paths_keys_prompts_and_lengths(folder):
+    absolute = str(folder / "a.wav")
+    path = write(folder, '{"wav": "a.wav", "txt": "one"}', "", json.dumps({"wav": absolute, "txt": "two", "key": "k", "prompt": "p"}))
+    first, second = read_jsonl(path)
+    assert (first.key, first.wav, first.prompt) == ("1", absolute, None)  # key defaults to the line number
+    assert (second.key, second.wav, second.prompt) == ("k", absolute, "p")
+    assert SpeechDataset(path).lengths == [1000, 1000]  # ms, from the file header when the jsonl gives no duration
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"wav": "a.wav", "txt": "x"', "not valid JSON"),
+        ('["a.wav"]', "expected a JSON object"),
+        ('{"txt": "x"}', "missing string field 'wav'"),
+        ('{"wav": "a.wav"}', "missing string field 'txt'"),
+        ('{"wav": "gone.wav", "txt": "x"}', "audio file not found: .*gone.wav"),
+        ('{"wav": "a.wav", "txt": "x", "key": "1"}', "key '1' already used on line 1"),
+    ],
+)
+def test_bad_lines_name_file_and_line(folder, line, message):
+    path = write(folder, '{"wav": "a.wav", "txt": "fine", "key": "1"}', line)
+    with pytest.raises(DataError, match=f"data.jsonl:2: {message}"):
+        read_jsonl(path)
+
+
+def test_text_is_optional_for_recognition(folder):
+    path = write(folder, '{"wav": "a.wav"}')
+    assert read_jsonl(path, require_text=False)[0].txt is None
+
+
+def test_corrupt_audio_names_file_and_line(folder):
+    (folder / "bad.wav").write_bytes(b"not audio at all" * 10)
+    dataset = SpeechDataset(write(folder, '{"wav": "a.wav", "txt": "ok"}', '{"wav": "bad.wav", "txt": "x"}'))
+    assert dataset[0]["audio"].shape == (16000,)
+    with pytest.raises(DataError, match=r"data.jsonl:2: .*bad.wav"):
+        dataset[1]
+
+
+def test_collator_pads_to_the_batch_not_a_fixed_length(make_model, tiny):
+    model = make_model()
+    dataset = SpeechDataset(tiny["jsonl"])
+    collate = Collator(model.processor)
+    small, large = collate([dataset[0]]), collate([dataset[0], dataset[3]])
+    assert small["input_ids"].shape[1] < large["input_ids"].shape[1]
+    assert small["mel"].shape[-1] < large["mel"].shape[-1]
+    np.testing.assert_array_equal(small["labels"][0], large["labels"][0, -small["labels"].shape[1] :])
