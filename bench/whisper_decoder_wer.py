@@ -28,7 +28,7 @@ def main():
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
     options = whisper.DecodingOptions(
-        language="en" if model.is_multilingual else None, without_timestamps=True, fp16=False, beam_size=args.beam_size
+        language="en", without_timestamps=True, fp16=False, beam_size=args.beam_size
     )
     for path in args.data:
         examples = read_jsonl(path)

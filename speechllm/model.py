@@ -171,8 +171,9 @@ class SpeechLLM(PreTrainedModel):
     def get_input_embeddings(self):
         return self.llm.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        # kwargs: what newer Trainers pass along (every_n_layers, offload)
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self):
         self.llm.gradient_checkpointing_disable()
