@@ -47,3 +47,17 @@ def test_speech_prompt_targets_are_the_llms_own_answers(tiny, tmp_path):
         assert row["prompt"] == f"Summarise:\n{AUDIO_PLACEHOLDER}"
         assert row["txt"] == recipe.llm_answers(llm, tokenizer, [f"Summarise:\n{text}"], 6)[0]  # batched = alone
     assert len({r["txt"] for r in rows}) > 1
+
+
+def test_prepare_jsonl_matches_audio_to_transcripts(tmp_path):
+    from tiny_models import write_tone
+
+    (tmp_path / "wavs" / "sub").mkdir(parents=True)
+    write_tone(str(tmp_path / "wavs" / "a.wav"), 0.5, 200)
+    write_tone(str(tmp_path / "wavs" / "sub" / "b.flac"), 1.25, 300)
+    (tmp_path / "text.tsv").write_text("a\thello there\nb general kenobi\nc no audio for this\n")
+    output = tmp_path / "data" / "train.jsonl"
+    load_script("prepare_jsonl").main(["--audio_dir", str(tmp_path / "wavs"), "--transcripts", str(tmp_path / "text.tsv"), str(output)])
+    examples = read_jsonl(str(output))
+    assert [(e.key, e.txt, e.duration) for e in examples] == [("a", "hello there", 0.5), ("b", "general kenobi", 1.25)]
+    assert examples[1].wav == str(tmp_path / "wavs" / "sub" / "b.flac")
