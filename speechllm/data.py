@@ -43,7 +43,7 @@ def read_jsonl(path: str, require_text: bool = True) -> list[Example]:
             for field in fields:
                 if not isinstance(item.get(field), str):
                     raise DataError(f"{where}: missing string field {field!r}")
-            wav = os.path.join(folder, item["wav"])  # an absolute "wav" stays absolute
+            wav = os.path.normpath(os.path.join(folder, item["wav"]))  # an absolute "wav" stays absolute
             if not os.path.isfile(wav):
                 raise DataError(f"{where}: audio file not found: {wav}")
             key = str(item.get("key", number))
