@@ -56,7 +56,8 @@ def test_token_count_follows_frames_and_strides(kernel_size):
 
 def test_window_mode_features_are_whispers_own():
     audio = np.random.default_rng(0).standard_normal(SAMPLE_RATE * 3).astype(np.float32) * 0.1
-    mel = log_mel_batch([audio], 80, pad_frames_to=None)
+    mel, frames = log_mel_batch([audio], 80, pad_frames_to=None)
+    assert frames.tolist() == [3000]  # all of Whisper's window counts: the silence is part of its input
     expected = whisper.log_mel_spectrogram(torch.from_numpy(whisper.pad_or_trim(audio)), 80)
     assert mel.shape == (1, 80, 3000)
     torch.testing.assert_close(mel[0], expected)
@@ -64,9 +65,9 @@ def test_window_mode_features_are_whispers_own():
 
 def test_dynamic_mode_pads_batch_to_longest_only():
     short, long = np.ones(SAMPLE_RATE, np.float32) * 0.1, np.ones(int(2.3 * SAMPLE_RATE), np.float32) * 0.1
-    mel = log_mel_batch([short, long], 128, pad_frames_to=10)
-    assert mel.shape == (2, 128, 230)
-    alone = log_mel_batch([short], 128, pad_frames_to=10)
-    # A clip's features barely depend on its batch: only the frame at the padding edge changes (as in Whisper's
-    # own 30 s padding), and the normalisation floor moves a little with it.
-    torch.testing.assert_close(mel[0, :, :99], alone[0, :, :99], atol=0.01, rtol=0)
+    mel, frames = log_mel_batch([short, long], 128, pad_frames_to=10)
+    assert mel.shape == (2, 128, 230) and frames.tolist() == [100, 230]
+    alone, _ = log_mel_batch([short], 128, pad_frames_to=10)
+    assert alone.shape == (1, 128, 100)
+    torch.testing.assert_close(mel[0, :, :100], alone[0])  # a clip's features do not depend on its batch
+    assert (mel[0, :, 100:] == 0).all()  # padding is zeros, which the encoder masks

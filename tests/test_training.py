@@ -1,0 +1,393 @@
+"""train.py (speechllm.training.main) end to end with tiny models: exact resume, checkpoints that hold only the
+projector, reloading, one data-parallel job under torchrun (plain DDP and DeepSpeed ZeRO-3 on CPU, bf16 included),
+gradient accumulation and gradient checkpointing.
+
+The single-process runs call main() in this process; the torchrun ones go through tests/dist_train.py, which has every
+rank save its gathered projector and a run.json next to it.
+"""
+
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import TrainerCallback
+
+from speechllm import SpeechLLM, training
+from speechllm.data import Collator, SpeechDataset
+from tiny_models import write_jsonl, write_tone
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "tests" / "dist_train.py"
+DS_CONFIG = ROOT / "ds_config_zero3.json"
+NPROC = 2
+BATCH = 2  # per device
+TORCHRUN_TIMEOUT = 600  # the first ZeRO-3 run on a machine JIT-builds DeepSpeed's CPU comm op (a minute or two)
+
+# Equal-length clips, so batches of 2 and of 4 pad the audio alike; answers of different lengths, so ranks see
+# different token counts and the loss normalisation across ranks and accumulation steps matters.
+TEXTS = [
+    "hello world",
+    "one two three four five six seven eight",
+    "the quick brown fox",
+    "she sells sea shells by the sea shore",
+    "seven",
+    "transcribe the audio please",
+    "nine ten",
+    "hello world this is a tiny speech model",
+]
+STEPS_PER_EPOCH = math.ceil(len(TEXTS) / (BATCH * NPROC))  # one data-parallel job: 2, not 8 / 2 = 4
+
+# Deterministic, linear-in-the-gradient updates over fixed batches: a 2-rank run with batch 2 must take the same
+# steps as one process with batch 4 (Accelerate hands out the sequential batches [0, 1], [2, 3], ... in turn).
+SEQUENTIAL_SGD = [
+    "--train_sampling_strategy", "sequential", "--optim", "sgd", "--learning_rate", "0.1",
+    "--lr_scheduler_type", "constant",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train_data")
+    rows = [
+        {"key": f"utt{i}", "wav": os.path.basename(write_tone(str(root / f"utt{i}.wav"), 1.0, 200 + 150 * i)), "txt": t}
+        for i, t in enumerate(TEXTS)
+    ]
+    write_jsonl(str(root / "data6.jsonl"), rows[:6])  # 6 / (2 x 2) leaves a part batch: see test_zero3_bf16
+    return write_jsonl(str(root / "data.jsonl"), rows)
+
+
+def train_args(tiny, data, output_dir, *extra) -> list[str]:
+    return [
+        "--whisper_model_name_or_path", tiny["whisper"], "--llm_model_name_or_path", tiny["qwen2"],
+        "--model_dtype", "float32", "--projector_hidden_size", "32",
+        "--data_path", data, "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", str(BATCH), "--logging_steps", "1",
+        "--use_cpu", "--report_to", "none", "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        *extra,
+    ]
+
+
+def train(args, callbacks=()):
+    """training.main(args) in this process, with extra Trainer callbacks; returns the trainer."""
+    original = training.SpeechLLMTrainer
+
+    class WithCallbacks(original):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            for callback in callbacks:
+                self.add_callback(callback)
+
+    training.SpeechLLMTrainer = WithCallbacks  # main() builds its Trainer from this module attribute
+    try:
+        return training.main(args)
+    finally:
+        training.SpeechLLMTrainer = original
+
+
+class StopAt(TrainerCallback):
+    """An interruption: stop after this step (the checkpoint saved at it is the last one)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+class Record(TrainerCallback):
+    """The steps this run took, the projector's gradient norms, and its weights when training began."""
+
+    def __init__(self):
+        self.steps, self.grad_norms, self.initial = [], [], None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.initial = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.projector.parameters()]
+        assert all(g is not None for g in grads), "a projector parameter got no gradient"
+        self.grad_norms.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+        assert all(p.grad is None for p in model.llm.parameters()), "the frozen LLM got gradients"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(os.path.join(folder, "model.safetensors"))
+
+
+def projector_keys(model) -> set[str]:
+    return {f"projector.{k}" for k in model.projector.state_dict()}
+
+
+def assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+        else:
+            assert torch.equal(a[key], b[key]), f"{key} differs by {(a[key] - b[key]).abs().max():.3g}"
+
+
+def checkpoints(output_dir) -> list[Path]:
+    return sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def trainer_state(checkpoint) -> dict:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
+def llm_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.llm.parameters())
+
+
+# --- single process: resume, checkpoint contents, reload ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, data, tmp_path_factory):
+    """6 steps in one go, a checkpoint every 3 (AdamW, linear decay, shuffled data: the defaults)."""
+    output_dir = tmp_path_factory.mktemp("straight")
+    return train(train_args(tiny, data, output_dir, "--max_steps", "6", "--save_steps", "3"))
+
+
+def test_resume_after_an_interruption_is_exact(tiny, data, straight, tmp_path):
+    args = train_args(tiny, data, tmp_path, "--max_steps", "6", "--save_steps", "3")
+    interrupted = train(args, [StopAt(3)])
+    assert interrupted.state.global_step == 3
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-3"]
+
+    record = Record()
+    resumed = train(args, [record])  # no flag: main() resumes from the latest checkpoint in output_dir
+    assert record.steps == [4, 5, 6], "did not continue from checkpoint-3"
+    assert resumed.state.global_step == 6
+    assert_same(weights(tmp_path), weights(straight.args.output_dir))
+    assert_same(weights(tmp_path / "checkpoint-6"), weights(Path(straight.args.output_dir) / "checkpoint-6"))
+
+
+def test_checkpoints_hold_only_the_projector(straight):
+    model = straight.model
+    found = checkpoints(straight.args.output_dir)
+    assert [p.name for p in found] == ["checkpoint-3", "checkpoint-6"]
+    limit = llm_bytes(model)
+    for checkpoint in found:
+        keys = set(weights(checkpoint))
+        assert all(key.startswith("projector.") for key in keys), keys
+        assert keys == projector_keys(model)
+        sizes = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
+        assert max(sizes.values()) < limit / 2, f"{checkpoint.name}: {sizes}, the LLM is {limit} bytes"
+        assert sum(sizes.values()) < limit, f"{checkpoint.name}: {sizes}, the LLM is {limit} bytes"
+        # The optimizer knows the projector's parameters and nothing else.
+        optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(list(model.projector.parameters()))
+        moments = sum(state["exp_avg"].numel() for state in optimizer["state"].values())
+        assert moments == sum(p.numel() for p in model.projector.parameters())
+    assert set(weights(straight.args.output_dir)) == projector_keys(model)
+
+
+def test_output_dir_reloads_to_the_trained_model(straight, data):
+    trained = straight.model.eval()
+    loaded = SpeechLLM.from_pretrained(straight.args.output_dir).eval()
+    assert loaded.config.projector_hidden_size == 32
+    dataset = SpeechDataset(data)
+    batch = Collator(trained.processor)([dataset[i] for i in range(3)])
+    batch.pop("labels")
+    with torch.no_grad():
+        expected, actual = trained(**batch).logits, loaded(**batch).logits
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+# --- single process: seed, gradient accumulation, gradient checkpointing ----------------------------------------------
+
+
+def test_seed_fixes_the_projector_initialisation(tiny, data, tmp_path):
+    def initial(name, seed):
+        record = Record()
+        args = ["--max_steps", "1", "--save_strategy", "no", "--seed", str(seed)]
+        train(train_args(tiny, data, tmp_path / name, *args), [record])
+        return record.initial
+
+    first = initial("a", 0)
+    assert_same(initial("b", 0), first)
+    assert not torch.equal(initial("c", 1)["conv.weight"], first["conv.weight"])
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny, data, tmp_path):
+    """The loss is normalised by the tokens of the whole optimizer step (num_items_in_batch), not per micro-batch."""
+    common = [*SEQUENTIAL_SGD, "--learning_rate", "1.0", "--max_steps", "1", "--save_strategy", "no"]
+    record = Record()
+    one = train(train_args(tiny, data, tmp_path / "one", *common, "--per_device_train_batch_size", "6"), [record])
+    accumulated = train(
+        train_args(tiny, data, tmp_path / "accumulated", *common, "--per_device_train_batch_size", "3",
+                   "--gradient_accumulation_steps", "2")
+    )
+    assert one.model_accepts_loss_kwargs
+    final = weights(one.args.output_dir)
+    assert not torch.equal(final["projector.conv.weight"], record.initial["conv.weight"])
+    assert_same(weights(accumulated.args.output_dir), final, atol=1e-6)
+
+
+def test_gradient_checkpointing_trains_the_projector(tiny, data, tmp_path):
+    common = ["--max_steps", "2", "--save_strategy", "no"]
+    record, plain = Record(), Record()
+    checkpointed = train(train_args(tiny, data, tmp_path / "gc", *common, "--gradient_checkpointing"), [record])
+    assert checkpointed.model.llm.is_gradient_checkpointing
+    assert record.steps == [1, 2]
+    assert all(math.isfinite(n) and n > 0 for n in record.grad_norms), record.grad_norms
+    final = weights(tmp_path / "gc")
+    assert all(not torch.equal(final[f"projector.{k}"], v) for k, v in record.initial.items())
+    # Recomputing the activations changes nothing else.
+    reference = train(train_args(tiny, data, tmp_path / "plain", *common), [plain])
+    assert not reference.model.llm.is_gradient_checkpointing
+    torch.testing.assert_close(record.grad_norms, plain.grad_norms, atol=1e-6, rtol=1e-5)
+    assert_same(final, weights(tmp_path / "plain"), atol=1e-6)
+
+
+# --- torchrun: 2 CPU ranks ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, data, tmp_path_factory):
+    """The reference for the 2-rank runs: one process, batch 2 x 2, same batches; checkpoint-4 is 2 epochs in."""
+    output_dir = tmp_path_factory.mktemp("one_process")
+    args = train_args(tiny, data, output_dir, *SEQUENTIAL_SGD, "--num_train_epochs", "3", "--save_steps", "2")
+    args[args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    return train(args)
+
+
+def torchrun(args, output_dir, deepspeed=False):
+    """tests/dist_train.py on NPROC CPU ranks; returns each rank's run.json and projector weights."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    if deepspeed:
+        env["DS_ACCELERATOR"] = "cpu"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}", str(DRIVER), *args,
+    ]
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun timed out after {TORCHRUN_TIMEOUT} s:\n{_tail(error.stdout)}\n{_tail(error.stderr)}")
+    assert result.returncode == 0, f"torchrun exited {result.returncode}:\n{_tail(result.stdout)}\n{_tail(result.stderr)}"
+    runs = [json.loads((Path(output_dir) / f"rank{r}" / "run.json").read_text()) for r in range(NPROC)]
+    return runs, [weights(Path(output_dir) / f"rank{r}") for r in range(NPROC)]
+
+
+def _tail(text, size=12000):
+    text = text.decode(errors="replace") if isinstance(text, bytes) else text or ""
+    lines = [line for line in text.splitlines() if "FutureWarning" not in line and "return func(" not in line]
+    return "\n".join(lines)[-size:]
+
+
+def assert_one_data_parallel_job(runs, rank_weights, output_dir, steps):
+    assert [run["world_size"] for run in runs] == [NPROC] * NPROC
+    assert [run["global_step"] for run in runs] == [steps[-1]] * NPROC
+    assert [run["steps"] for run in runs] == [steps] * NPROC
+    assert trainer_state(checkpoints(output_dir)[-1])["global_step"] == steps[-1]
+    assert_same(rank_weights[1], rank_weights[0])
+    assert_same(weights(output_dir), rank_weights[0])
+
+
+def test_torchrun_ddp_is_one_data_parallel_job(tiny, data, one_process, tmp_path):
+    args = train_args(tiny, data, tmp_path, *SEQUENTIAL_SGD, "--num_train_epochs", "2", "--save_steps", "2")
+    runs, rank_weights = torchrun(args, tmp_path)
+    assert_one_data_parallel_job(runs, rank_weights, tmp_path, list(range(1, 2 * STEPS_PER_EPOCH + 1)))
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert set(weights(tmp_path / "checkpoint-4")) == projector_keys(one_process.model)
+    # Gradients averaged over the ranks with the loss normalised by the tokens of both: the one-process steps.
+    assert_same(rank_weights[0], weights(Path(one_process.args.output_dir) / "checkpoint-4"), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def zero3(tiny, data, tmp_path_factory):
+    """2 epochs under ZeRO-3 (checkpoints at steps 2 and 4); returns the runs and a copy of the output dir as it was."""
+    pytest.importorskip("deepspeed")
+    output_dir = tmp_path_factory.mktemp("zero3")
+    args = train_args(tiny, data, output_dir, *SEQUENTIAL_SGD, "--num_train_epochs", "2", "--save_steps", "2",
+                      "--deepspeed", str(DS_CONFIG))
+    runs, rank_weights = torchrun(args, output_dir, deepspeed=True)
+    snapshot = tmp_path_factory.mktemp("zero3_after_2_epochs") / "output"
+    shutil.copytree(output_dir, snapshot)
+    return {"args": args, "output_dir": output_dir, "snapshot": snapshot, "runs": runs, "weights": rank_weights}
+
+
+def test_zero3_is_one_data_parallel_job(zero3, one_process):
+    runs, snapshot = zero3["runs"], zero3["snapshot"]
+    assert_one_data_parallel_job(runs, zero3["weights"], snapshot, list(range(1, 2 * STEPS_PER_EPOCH + 1)))
+    assert set(weights(snapshot)) == projector_keys(one_process.model)
+    # ZeRO-3 really sharded the frozen LLM: each rank holds about half of it.
+    for run in runs:
+        llm = run["modules"]["llm"]
+        assert llm["zero3"] and llm["numel"] / NPROC <= llm["local_numel"] < llm["numel"], llm
+    # The same batches a step as one process, so the same weights (and the loss on each batch went down).
+    assert_same(zero3["weights"][0], weights(Path(one_process.args.output_dir) / "checkpoint-4"), atol=1e-4)
+    losses = runs[0]["losses"]
+    assert all(math.isfinite(loss) for loss in losses.values()), losses
+    assert losses["3"] < losses["1"] and losses["4"] < losses["2"], losses
+
+
+def test_zero3_checkpoints_hold_no_frozen_weights(zero3, one_process):
+    model = one_process.model
+    projector_numel = sum(p.numel() for p in model.projector.parameters())
+    found = checkpoints(zero3["snapshot"])
+    assert [p.name for p in found] == ["checkpoint-2", "checkpoint-4"]
+    for checkpoint in found:
+        assert set(weights(checkpoint)) == projector_keys(model)
+        (engine_dir,) = checkpoint.glob("global_step*")
+        states = sorted(engine_dir.glob("*model_states.pt"))
+        assert len(states) == NPROC, sorted(p.name for p in engine_dir.iterdir())
+        for file in states:
+            state = torch.load(file, weights_only=False, map_location="cpu")
+            # No rank's shard of the frozen encoder and LLM (DeepSpeed's default for stages 2 and 3) ...
+            assert not state.get("frozen_param_fragments"), f"{file.name}: frozen weights stored"
+            # ... and the module's parameters are ZeRO-3 placeholders: only (small, unsharded) buffers have data.
+            stored = {k: v.numel() for k, v in state["module"].items() if k not in state["buffer_names"] and v.numel()}
+            assert not stored, f"{file.name}: {stored}"
+        # The optimizer's partitions together are the projector (plus alignment padding), nothing else.
+        optimizer_files = sorted(engine_dir.glob("*optim_states.pt"))
+        assert len(optimizer_files) == NPROC
+        flat = sum(
+            t.numel()
+            for file in optimizer_files
+            for t in torch.load(file, weights_only=False, map_location="cpu")["optimizer_state_dict"]["fp32_flat_groups"]
+        )
+        assert projector_numel <= flat < projector_numel + 64 * NPROC * 2, (flat, projector_numel)
+
+
+def test_zero3_resumes_from_its_checkpoint(zero3, one_process):
+    """Run again on the same output dir with a third epoch: it continues from checkpoint-4, not from step 0."""
+    output_dir, args = zero3["output_dir"], list(zero3["args"])
+    args[args.index("--num_train_epochs") + 1] = "3"
+    runs, rank_weights = torchrun(args, output_dir, deepspeed=True)
+    assert_one_data_parallel_job(runs, rank_weights, output_dir, [5, 6])
+    assert [p.name for p in checkpoints(output_dir)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert_same(rank_weights[0], weights(one_process.args.output_dir), atol=1e-4)
+
+
+def test_zero3_bf16(tiny, data, tmp_path):
+    pytest.importorskip("deepspeed")
+    six = str(Path(data).with_name("data6.jsonl"))
+    args = train_args(tiny, six, tmp_path, "--num_train_epochs", "1", "--save_steps", "1", "--bf16", "--deepspeed",
+                      str(DS_CONFIG))
+    args[args.index("--model_dtype") + 1] = "bfloat16"
+    runs, rank_weights = torchrun(args, tmp_path, deepspeed=True)
+    # 6 examples, 2 ranks of batch 2: ceil(6 / 4) = 2 steps (the last global batch is topped up from the start).
+    assert_one_data_parallel_job(runs, rank_weights, tmp_path, [1, 2])
+    for run in runs:
+        assert run["modules"]["llm"]["dtype"] == run["modules"]["encoder"]["dtype"] == "bfloat16", run["modules"]
+        assert run["modules"]["llm"]["zero3"]
+        assert all(math.isfinite(loss) for loss in run["losses"].values()), run["losses"]
+    # DeepSpeed's bf16 optimizer wrote the states, and the second step changed the projector.
+    assert len(glob.glob(str(tmp_path / "checkpoint-2" / "global_step2" / "bf16_zero_pp_rank_*_optim_states.pt"))) == NPROC
+    step1, step2 = weights(tmp_path / "checkpoint-1"), weights(tmp_path / "checkpoint-2")
+    assert all(not torch.equal(step1[k], step2[k]) for k in step1)
