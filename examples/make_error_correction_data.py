@@ -59,8 +59,15 @@ def main(argv=None):
         for example in read_jsonl(args.input):
             audio = whisper.pad_or_trim(torch.from_numpy(load_audio(example.wav)))
             with torch.no_grad():
-                hypotheses = whisper_nbest(model, tokenizer, whisper.log_mel_spectrogram(audio, dims.n_mels), args.nbest)
-            row = {"key": example.key, "wav": example.wav, "txt": example.txt, "prompt": error_correction_prompt(hypotheses)}
+                hypotheses = whisper_nbest(
+                    model, tokenizer, whisper.log_mel_spectrogram(audio, dims.n_mels), args.nbest
+                )
+            row = {
+                "key": example.key,
+                "wav": example.wav,
+                "txt": example.txt,
+                "prompt": error_correction_prompt(hypotheses),
+            }
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

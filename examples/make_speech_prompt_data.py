@@ -28,10 +28,15 @@ def llm_answers(llm, tokenizer, questions: list[str], max_new_tokens: int) -> li
     stops = stop_token_ids(tokenizer, llm.generation_config)
     with torch.no_grad():
         output = llm.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
         )
-    return [t.strip() for t in tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+    return [
+        t.strip() for t in tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
 
 
 def main(argv=None):

@@ -37,8 +37,12 @@ def main(argv=None):
                 missing += 1
                 continue
             info = soundfile.info(audio[key])
-            row = {"key": key, "wav": os.path.relpath(audio[key].resolve(), out_dir), "txt": text.strip(),
-                   "duration": round(info.frames / info.samplerate, 3)}
+            row = {
+                "key": key,
+                "wav": os.path.relpath(audio[key].resolve(), out_dir),
+                "txt": text.strip(),
+                "duration": round(info.frames / info.samplerate, 3),
+            }
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             written += 1
     print(f"{args.output}: {written} utterances; {missing} transcripts without audio")

@@ -1,4 +1,4 @@
-"""speechllm: speech recognition and understanding with a frozen Whisper encoder, a trained projector and a frozen LLM."""
+"""speechllm: speech recognition and understanding with a frozen Whisper encoder, a trained projector, a frozen LLM."""
 
 from .model import SpeechLLM, SpeechLLMConfig
 from .processor import AUDIO_PLACEHOLDER

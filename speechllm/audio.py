@@ -74,7 +74,9 @@ def log_mel_batch(windows: list[np.ndarray], n_mels: int, pad_frames_to: int | N
     frames, so a clip is encoded the same whatever batch it is in.
     """
     if pad_frames_to is None:
-        mels = [whisper.log_mel_spectrogram(torch.from_numpy(w), n_mels, padding=WINDOW_SAMPLES - len(w)) for w in windows]
+        mels = [
+            whisper.log_mel_spectrogram(torch.from_numpy(w), n_mels, padding=WINDOW_SAMPLES - len(w)) for w in windows
+        ]
         mel = torch.stack([m[:, : num_frames(WINDOW_SAMPLES)] for m in mels])
         return mel, torch.full((len(windows),), mel.shape[-1])
     frames = [num_frames(len(window)) for window in windows]

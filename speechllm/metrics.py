@@ -11,7 +11,10 @@ def error_rate(references: list[str], hypotheses: list[str], metric: str = "wer"
         refs, hyps = [normalize(t) for t in references], [normalize(t) for t in hypotheses]
     elif metric == "cer":
         normalize = BasicTextNormalizer()
-        refs, hyps = [normalize(t).replace(" ", "") for t in references], [normalize(t).replace(" ", "") for t in hypotheses]
+        refs, hyps = (
+            [normalize(t).replace(" ", "") for t in references],
+            [normalize(t).replace(" ", "") for t in hypotheses],
+        )
     else:
         raise ValueError(f"metric must be 'wer' or 'cer', not {metric!r}")
     kept = [(r, h) for r, h in zip(refs, hyps) if r]  # a reference that normalises to nothing has no rate

@@ -1,4 +1,4 @@
-"""SpeechLLM: frozen Whisper encoder -> trainable projector -> frozen chat LLM, with the audio spliced into the prompt."""
+"""SpeechLLM: frozen Whisper encoder -> trainable projector -> frozen chat LLM, audio spliced into the prompt."""
 
 import contextlib
 import math
@@ -139,7 +139,9 @@ class SpeechLLM(PreTrainedModel):
         return output
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, audio_mask, mel, mel_frames, audio_tokens, **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self, input_ids, attention_mask, audio_mask, mel, mel_frames, audio_tokens, **generate_kwargs
+    ) -> torch.Tensor:
         """New token ids only (left-padded batch in, as the Processor makes it)."""
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
@@ -209,7 +211,9 @@ class SpeechLLM(PreTrainedModel):
         models = f"{self.config.whisper_model_name_or_path!r} + {self.config.llm_model_name_or_path!r}"
         missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
         if missing or unexpected:
-            raise ValueError(f"{file} does not fit the projector for {models}: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"{file} does not fit the projector for {models}: missing {missing}, unexpected {unexpected}"
+            )
         for key, tensor in saved.items():
             if tensor.shape != expected[key].shape:
                 raise ValueError(

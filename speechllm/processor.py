@@ -38,7 +38,9 @@ class Processor:
         if prompt not in self._prompt_cache:
             if prompt.count(AUDIO_PLACEHOLDER) != 1:
                 raise ValueError(f"a prompt must contain {AUDIO_PLACEHOLDER!r} exactly once: {prompt!r}")
-            chat = self.tokenizer.apply_chat_template(self._messages(prompt), tokenize=False, add_generation_prompt=True)
+            chat = self.tokenizer.apply_chat_template(
+                self._messages(prompt), tokenize=False, add_generation_prompt=True
+            )
             before, after = chat.split(AUDIO_PLACEHOLDER)
             self._prompt_cache[prompt] = self._encode(before), self._encode(after)
         return self._prompt_cache[prompt]
@@ -47,7 +49,9 @@ class Processor:
         """The assistant's answer and its end-of-turn token, as the chat template writes them; nothing after."""
         messages = self._messages(prompt)
         chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        full = self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
         if not full.startswith(chat):
             raise ValueError("the chat template does not render a reply as a continuation of the generation prompt")
         ids = self._encode(full[len(chat) :])

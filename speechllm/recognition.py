@@ -4,11 +4,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from transformers import HfArgumentParser
 from tqdm import tqdm
+from transformers import HfArgumentParser
 
 from .data import load_example_audio, read_jsonl
 from .metrics import error_rate, format_error_rate

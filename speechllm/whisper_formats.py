@@ -24,13 +24,19 @@ _WHISPER_HEAD_DIM = 64
 
 # CTranslate2 scope (inside encoder|decoder/layer_N/, or top level) -> openai-whisper module.
 _CT2_MODULES = {
-    "encoder/conv1": "encoder.conv1", "encoder/conv2": "encoder.conv2",
-    "encoder/layer_norm": "encoder.ln_post", "decoder/layer_norm": "decoder.ln",
+    "encoder/conv1": "encoder.conv1",
+    "encoder/conv2": "encoder.conv2",
+    "encoder/layer_norm": "encoder.ln_post",
+    "decoder/layer_norm": "decoder.ln",
     "decoder/embeddings": "decoder.token_embedding",
-    "self_attention/layer_norm": "attn_ln", "self_attention/linear_1": "attn.out",
-    "attention/layer_norm": "cross_attn_ln", "attention/linear_0": "cross_attn.query",
+    "self_attention/layer_norm": "attn_ln",
+    "self_attention/linear_1": "attn.out",
+    "attention/layer_norm": "cross_attn_ln",
+    "attention/linear_0": "cross_attn.query",
     "attention/linear_2": "cross_attn.out",
-    "ffn/layer_norm": "mlp_ln", "ffn/linear_0": "mlp.0", "ffn/linear_1": "mlp.2",
+    "ffn/layer_norm": "mlp_ln",
+    "ffn/linear_0": "mlp.0",
+    "ffn/linear_1": "mlp.2",
 }
 # CTranslate2 fuses these projections along the output dimension.
 _CT2_FUSED = {
@@ -45,19 +51,28 @@ _CT2_POSITIONS = {
 
 # HuggingFace names (without the "model." prefix) -> openai-whisper names.
 _HF_TOP = {
-    "encoder.conv1": "encoder.conv1", "encoder.conv2": "encoder.conv2",
+    "encoder.conv1": "encoder.conv1",
+    "encoder.conv2": "encoder.conv2",
     "encoder.embed_positions.weight": "encoder.positional_embedding",
     "decoder.embed_positions.weight": "decoder.positional_embedding",
     "decoder.embed_tokens": "decoder.token_embedding",
-    "encoder.layer_norm": "encoder.ln_post", "decoder.layer_norm": "decoder.ln",
+    "encoder.layer_norm": "encoder.ln_post",
+    "decoder.layer_norm": "decoder.ln",
 }
 _HF_LAYER = {
-    "self_attn_layer_norm": "attn_ln", "encoder_attn_layer_norm": "cross_attn_ln",
-    "final_layer_norm": "mlp_ln", "fc1": "mlp.0", "fc2": "mlp.2",
-    "self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key",
-    "self_attn.v_proj": "attn.value", "self_attn.out_proj": "attn.out",
-    "encoder_attn.q_proj": "cross_attn.query", "encoder_attn.k_proj": "cross_attn.key",
-    "encoder_attn.v_proj": "cross_attn.value", "encoder_attn.out_proj": "cross_attn.out",
+    "self_attn_layer_norm": "attn_ln",
+    "encoder_attn_layer_norm": "cross_attn_ln",
+    "final_layer_norm": "mlp_ln",
+    "fc1": "mlp.0",
+    "fc2": "mlp.2",
+    "self_attn.q_proj": "attn.query",
+    "self_attn.k_proj": "attn.key",
+    "self_attn.v_proj": "attn.value",
+    "self_attn.out_proj": "attn.out",
+    "encoder_attn.q_proj": "cross_attn.query",
+    "encoder_attn.k_proj": "cross_attn.key",
+    "encoder_attn.v_proj": "cross_attn.value",
+    "encoder_attn.out_proj": "cross_attn.out",
 }
 
 
@@ -67,8 +82,11 @@ def _read_bytes(source) -> Union[bytes, bytearray]:
     paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
     if len(paths) == 1 and paths[0].is_dir():
         directory, count = paths[0], len(list(paths[0].glob("model.bin.part*")))
-        paths = [directory / "model.bin"] if (directory / "model.bin").is_file() else [
-            directory / f"model.bin.part{i}" for i in range(1, count + 1)]  # a split model
+        paths = (
+            [directory / "model.bin"]
+            if (directory / "model.bin").is_file()
+            else [directory / f"model.bin.part{i}" for i in range(1, count + 1)]
+        )  # a split model
         if not paths:
             raise ValueError(f"{directory}: no model.bin nor model.bin.part1..N")
     # One buffer for the whole stream: parts are read back to back, never joined on disk.
@@ -76,7 +94,7 @@ def _read_bytes(source) -> Union[bytes, bytearray]:
     view, offset = memoryview(buffer), 0
     for path in paths:
         with open(path, "rb") as f:
-            offset += f.readinto(view[offset:offset + path.stat().st_size])
+            offset += f.readinto(view[offset : offset + path.stat().st_size])
     return buffer
 
 
@@ -93,7 +111,7 @@ def _read_ct2(source) -> Tuple[str, Dict[str, np.ndarray]]:
         nonlocal offset
         length = take("H")  # counts the trailing NUL
         offset += length
-        return bytes(buffer[offset - length:offset - 1]).decode("utf-8")
+        return bytes(buffer[offset - length : offset - 1]).decode("utf-8")
 
     version = take("I")
     if version not in _CT2_BINARY_VERSIONS:
@@ -180,19 +198,24 @@ def _load_ctranslate2(directory: Path) -> Tuple[ModelDimensions, StateDict]:
     n_audio_state, n_mels, _ = variables["encoder/conv1/weight"].shape
     n_vocab, n_text_state = tokens.shape
     return ModelDimensions(
-        n_mels=n_mels, n_audio_ctx=len(state_dict["encoder.positional_embedding"]),
-        n_audio_state=n_audio_state, n_audio_head=heads("encoder", n_audio_state),
-        n_audio_layer=layers("encoder"), n_vocab=n_vocab,
-        n_text_ctx=len(state_dict["decoder.positional_embedding"]), n_text_state=n_text_state,
-        n_text_head=heads("decoder", n_text_state), n_text_layer=layers("decoder"),
+        n_mels=n_mels,
+        n_audio_ctx=len(state_dict["encoder.positional_embedding"]),
+        n_audio_state=n_audio_state,
+        n_audio_head=heads("encoder", n_audio_state),
+        n_audio_layer=layers("encoder"),
+        n_vocab=n_vocab,
+        n_text_ctx=len(state_dict["decoder.positional_embedding"]),
+        n_text_state=n_text_state,
+        n_text_head=heads("decoder", n_text_state),
+        n_text_layer=layers("decoder"),
     ), state_dict
 
 
 def _hf_to_openai_key(key: str) -> Optional[str]:
-    key = key[len("model."):] if key.startswith("model.") else key
+    key = key[len("model.") :] if key.startswith("model.") else key
     for hf, openai in _HF_TOP.items():
         if key == hf or key.startswith(hf + "."):
-            return openai + key[len(hf):]
+            return openai + key[len(hf) :]
     match = re.fullmatch(r"(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
     if match and match[3] in _HF_LAYER:
         return f"{match[1]}.blocks.{match[2]}.{_HF_LAYER[match[3]]}.{match[4]}"
@@ -214,11 +237,16 @@ def _load_huggingface(directory: Path, config: dict) -> Tuple[ModelDimensions, S
     if {config.get("encoder_ffn_dim", width), config.get("decoder_ffn_dim", width)} != {width}:
         raise ValueError(f"{directory}: MLP width is not 4 * d_model, unlike openai-whisper")
     dims = ModelDimensions(
-        n_mels=config["num_mel_bins"], n_audio_ctx=config["max_source_positions"],
-        n_audio_state=config["d_model"], n_audio_head=config["encoder_attention_heads"],
-        n_audio_layer=config["encoder_layers"], n_vocab=config["vocab_size"],
-        n_text_ctx=config["max_target_positions"], n_text_state=config["d_model"],
-        n_text_head=config["decoder_attention_heads"], n_text_layer=config["decoder_layers"],
+        n_mels=config["num_mel_bins"],
+        n_audio_ctx=config["max_source_positions"],
+        n_audio_state=config["d_model"],
+        n_audio_head=config["encoder_attention_heads"],
+        n_audio_layer=config["encoder_layers"],
+        n_vocab=config["vocab_size"],
+        n_text_ctx=config["max_target_positions"],
+        n_text_state=config["d_model"],
+        n_text_head=config["decoder_attention_heads"],
+        n_text_layer=config["decoder_layers"],
     )
     # HF fills the encoder positions with openai's fixed sinusoids; some exports omit them.
     positions = sinusoids(dims.n_audio_ctx, dims.n_audio_state)

@@ -2,10 +2,9 @@ import os
 
 import pytest
 import torch
-
-from speechllm import SpeechLLM, SpeechLLMConfig
 from tiny_models import make_llm, make_whisper, write_jsonl, write_tone
 
+from speechllm import SpeechLLM, SpeechLLMConfig
 
 
 @pytest.fixture(scope="session")
@@ -14,8 +13,11 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     texts = ["hello world", "one two three", "the quick brown fox", "she sells sea shells"]
     rows = [
-        {"key": f"utt{i}", "wav": os.path.basename(write_tone(str(root / f"utt{i}.wav"), 0.6 + 0.5 * i, 220 * (i + 1))),
-         "txt": text}
+        {
+            "key": f"utt{i}",
+            "wav": os.path.basename(write_tone(str(root / f"utt{i}.wav"), 0.6 + 0.5 * i, 220 * (i + 1))),
+            "txt": text,
+        }
         for i, text in enumerate(texts)
     ]
     return {
@@ -34,6 +36,8 @@ def make_model(tiny):
     def make(llm="qwen2", whisper="whisper", **config):
         config = {"projector_hidden_size": 32, "model_dtype": "float32", **config}
         torch.manual_seed(0)
-        return SpeechLLM(SpeechLLMConfig(whisper_model_name_or_path=tiny[whisper], llm_model_name_or_path=tiny[llm], **config))
+        return SpeechLLM(
+            SpeechLLMConfig(whisper_model_name_or_path=tiny[whisper], llm_model_name_or_path=tiny[llm], **config)
+        )
 
     return make

@@ -3,6 +3,7 @@ import pytest
 import soundfile
 import torch
 import whisper
+from tiny_models import write_tone
 
 from speechllm.audio import (
     SAMPLE_RATE,
@@ -13,7 +14,6 @@ from speechllm.audio import (
     num_audio_tokens,
     split_windows,
 )
-from tiny_models import write_tone
 
 
 @pytest.mark.parametrize("suffix", ["wav", "flac", "ogg"])
@@ -43,7 +43,9 @@ def test_long_audio_is_split_not_truncated():
     audio = np.zeros(int(2.5 * WINDOW_SAMPLES), np.float32)
     windows = split_windows(audio)
     assert [len(w) for w in windows] == [WINDOW_SAMPLES, WINDOW_SAMPLES, WINDOW_SAMPLES // 2]
-    assert num_audio_tokens(len(audio), 5) == 2 * num_audio_tokens(WINDOW_SAMPLES, 5) + num_audio_tokens(WINDOW_SAMPLES // 2, 5)
+    assert num_audio_tokens(len(audio), 5) == 2 * num_audio_tokens(WINDOW_SAMPLES, 5) + num_audio_tokens(
+        WINDOW_SAMPLES // 2, 5
+    )
 
 
 @pytest.mark.parametrize("kernel_size", [1, 4, 5, 8])

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
+from tiny_models import write_tone
 
 from speechllm.data import Collator, DataError, SpeechDataset, read_jsonl
-from tiny_models import write_tone
 
 
 @pytest.fixture
@@ -21,7 +21,12 @@ def write(folder, *lines):
 
 def test_paths_keys_prompts_and_lengths(folder):
     absolute = str(folder / "a.wav")
-    path = write(folder, '{"wav": "a.wav", "txt": "one"}', "", json.dumps({"wav": absolute, "txt": "two", "key": "k", "prompt": "p"}))
+    path = write(
+        folder,
+        '{"wav": "a.wav", "txt": "one"}',
+        "",
+        json.dumps({"wav": absolute, "txt": "two", "key": "k", "prompt": "p"}),
+    )
     first, second = read_jsonl(path)
     assert (first.key, first.wav, first.prompt) == ("1", absolute, None)  # key defaults to the line number
     assert (second.key, second.wav, second.prompt) == ("k", absolute, "p")

@@ -8,7 +8,9 @@ from speechllm.encoder import load_whisper_encoder
 
 def test_full_window_matches_whispers_own_encoder(tiny):
     encoder = load_whisper_encoder(tiny["whisper"])
-    reference = whisper.model.AudioEncoder(*[getattr(encoder.dims, f) for f in ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")])
+    reference = whisper.model.AudioEncoder(
+        *[getattr(encoder.dims, f) for f in ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")]
+    )
     reference.load_state_dict(encoder.state_dict())
     mel = torch.randn(2, 80, 3000)
     with torch.no_grad():

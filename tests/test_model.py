@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from tiny_models import make_whisper
 
 from speechllm import SpeechLLM
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.data import Collator, SpeechDataset
 from speechllm.encoder import load_whisper_encoder
 from speechllm.model import load_llm
-from tiny_models import make_whisper
 
 
 def tones(dataset):

