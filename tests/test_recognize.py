@@ -21,6 +21,11 @@ def saved_model(make_model, tmp_path):
     return model, str(tmp_path / "model")
 
 
+def recognize(model_dir, data_path, result_path, *options):
+    args = ["--projector_model_path", model_dir, "--data_path", str(data_path), "--result_path", str(result_path)]
+    return recognize_main(args + list(options))
+
+
 def read_results(path):
     return [line.rstrip("\n").split("\t") for line in open(path)]
 
@@ -28,22 +33,8 @@ def read_results(path):
 def test_writes_keyed_hypotheses_in_input_order_and_wer(saved_model, tiny, tmp_path, capsys):
     model, model_dir = saved_model
     result_path = str(tmp_path / "out" / "hyp.txt")
-    scores = recognize_main(
-        [
-            "--projector_model_path",
-            model_dir,
-            "--data_path",
-            tiny["jsonl"],
-            "--result_path",
-            result_path,
-            "--num_beams",
-            "1",
-            "--batch_size",
-            "3",
-            "--max_new_tokens",
-            "8",
-        ]
-    )
+    options = ["--num_beams", "1", "--batch_size", "3", "--max_new_tokens", "8"]
+    scores = recognize(model_dir, tiny["jsonl"], result_path, *options)
     examples = read_jsonl(tiny["jsonl"])
     rows = read_results(result_path)
     assert [key for key, _ in rows] == [e.key for e in examples]  # input order, though decoded longest first
@@ -58,21 +49,8 @@ def test_writes_keyed_hypotheses_in_input_order_and_wer(saved_model, tiny, tmp_p
 def test_beam_search_and_cer(saved_model, tiny, tmp_path):
     _, model_dir = saved_model
     result_path = str(tmp_path / "hyp.txt")
-    scores = recognize_main(
-        [
-            "--projector_model_path",
-            model_dir,
-            "--data_path",
-            tiny["jsonl"],
-            "--result_path",
-            result_path,
-            "--num_beams",
-            "3",
-            "--max_new_tokens",
-            "6",
-            "--metric",
-            "cer",
-        ]
+    scores = recognize(
+        model_dir, tiny["jsonl"], result_path, "--num_beams", "3", "--max_new_tokens", "6", "--metric", "cer"
     )
     assert "cer" in scores and len(read_results(result_path)) == len(tiny["texts"])
 
@@ -84,36 +62,24 @@ def test_a_bad_line_fails_before_anything_is_overwritten(saved_model, tiny, tmp_
     bad = Path(tiny["jsonl"]).parent / "bad.jsonl"  # beside the audio its lines name
     bad.write_text(open(tiny["jsonl"]).read() + '{"wav": "missing.wav"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:5: audio file not found"):
-        recognize_main(
-            ["--projector_model_path", model_dir, "--data_path", str(bad), "--result_path", str(result_path)]
-        )
+        recognize(model_dir, bad, result_path)
     assert result_path.read_text() == "earlier results\n"
 
 
 def test_two_processes_split_the_work_and_merge_in_order(saved_model, tiny, tmp_path):
     _, model_dir = saved_model
-    args = [
-        "--projector_model_path",
-        model_dir,
-        "--data_path",
-        tiny["jsonl"],
-        "--num_beams",
-        "1",
-        "--max_new_tokens",
-        "8",
-    ]
-    recognize_main(args + ["--result_path", str(tmp_path / "single.txt")])
+    options = ["--num_beams", "1", "--max_new_tokens", "8"]
+    recognize(model_dir, tiny["jsonl"], tmp_path / "single.txt", *options)
+    args = ["--projector_model_path", model_dir, "--data_path", tiny["jsonl"], "--result_path", tmp_path / "two.txt"]
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(REPO / "recognize.py"),
-        *args,
-        "--result_path",
-        str(tmp_path / "two.txt"),
+        REPO / "recognize.py",
     ]
+    command = [str(part) for part in command + args + options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
