@@ -15,9 +15,9 @@ import whisper
 
 from speechllm.audio import ENCODER_STRIDE, load_audio, log_mel_batch
 from speechllm.data import read_jsonl
-from speechllm.encoder import load_whisper_encoder
+from speechllm.encoder import WhisperEncoder
 from speechllm.metrics import error_rate, format_error_rate
-from speechllm.whisper_formats import load_whisper_checkpoint
+from speechllm.whisper_formats import load_whisper_model
 
 
 def greedy(model, tokenizer, features, max_tokens=120):
@@ -39,10 +39,10 @@ def main():
     parser.add_argument("--limit", type=int, default=None, help="first N utterances only")
     args = parser.parse_args()
 
-    dims, state = load_whisper_checkpoint(args.whisper)
-    model = whisper.model.Whisper(dims)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    encoder = load_whisper_encoder(args.whisper).eval()
+    model = load_whisper_model(args.whisper)
+    dims = model.dims
+    encoder = WhisperEncoder(dims).eval()  # ours, on the same weights: the checkpoint is read once
+    encoder.load_state_dict(model.encoder.state_dict())
     tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, language="en", task="transcribe")
     examples = sorted(read_jsonl(args.data)[: args.limit], key=lambda e: e.duration or 0)
     audios = [load_audio(e.wav) for e in examples]

@@ -12,7 +12,7 @@ import whisper
 from speechllm.audio import load_audio
 from speechllm.data import read_jsonl
 from speechllm.metrics import error_rate, format_error_rate
-from speechllm.whisper_formats import load_whisper_checkpoint
+from speechllm.whisper_formats import load_whisper_model
 
 
 def main():
@@ -23,10 +23,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=1, help="openai-whisper beam search breaks on batches > 1")
     args = parser.parse_args()
 
-    dims, state = load_whisper_checkpoint(args.whisper)
-    model = whisper.model.Whisper(dims)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.eval()
+    model = load_whisper_model(args.whisper)
+    dims = model.dims
     options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, beam_size=args.beam_size)
     for path in args.data:
         examples = read_jsonl(path)

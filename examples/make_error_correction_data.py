@@ -15,7 +15,7 @@ import whisper
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.audio import load_audio
 from speechllm.data import read_jsonl
-from speechllm.whisper_formats import load_whisper_checkpoint
+from speechllm.whisper_formats import load_whisper_model
 
 
 def error_correction_prompt(hypotheses: list[str]) -> str:
@@ -51,9 +51,8 @@ def main(argv=None):
     parser.add_argument("--nbest", type=int, default=5)
     args = parser.parse_args(argv)
 
-    dims, state = load_whisper_checkpoint(args.whisper)
-    model = whisper.model.Whisper(dims)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model = load_whisper_model(args.whisper)
+    dims = model.dims
     tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, language="en", task="transcribe")
     with open(args.output, "w", encoding="utf-8") as out:
         for example in read_jsonl(args.input):

@@ -287,3 +287,11 @@ def load_whisper_checkpoint(name_or_path: str) -> Tuple[ModelDimensions, StateDi
         "CTranslate2/faster-whisper directory (model.bin or model.bin.part1..N), or a HuggingFace "
         "Whisper directory (config.json with model_type 'whisper' + *.safetensors or *.bin)"
     )
+
+
+def load_whisper_model(name_or_path: str) -> whisper.model.Whisper:
+    """The whole openai-whisper model (encoder and decoder, fp32), from any format load_whisper_checkpoint reads."""
+    dims, state_dict = load_whisper_checkpoint(name_or_path)
+    model = whisper.model.Whisper(dims)
+    model.load_state_dict({key: value.float() for key, value in state_dict.items()})
+    return model.eval()
