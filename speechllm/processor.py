@@ -33,8 +33,8 @@ class Processor:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the chat template holds every special
 
-    def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
-        """Token ids of the chat up to the assistant's turn, split at the audio placeholder."""
+    def _generation_prompt(self, prompt: str) -> str:
+        """The chat rendered up to the assistant's turn, once per distinct prompt."""
         if prompt not in self._prompt_cache:
             if prompt.count(AUDIO_PLACEHOLDER) != 1:
                 raise ValueError(f"a prompt must contain {AUDIO_PLACEHOLDER!r} exactly once: {prompt!r}")
@@ -42,15 +42,19 @@ class Processor:
                 self._messages(prompt), tokenize=False, add_generation_prompt=True
             )
             before, after = chat.split(AUDIO_PLACEHOLDER)
-            self._prompt_cache[prompt] = self._encode(before), self._encode(after)
-        return self._prompt_cache[prompt]
+            self._prompt_cache[prompt] = chat, (self._encode(before), self._encode(after))
+        return self._prompt_cache[prompt][0]
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids of the chat up to the assistant's turn, split at the audio placeholder."""
+        self._generation_prompt(prompt)
+        return self._prompt_cache[prompt][1]
 
     def response_ids(self, prompt: str, response: str) -> list[int]:
         """The assistant's answer and its end-of-turn token, as the chat template writes them; nothing after."""
-        messages = self._messages(prompt)
-        chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        chat = self._generation_prompt(prompt)
         full = self.tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": response}], tokenize=False
+            self._messages(prompt) + [{"role": "assistant", "content": response}], tokenize=False
         )
         if not full.startswith(chat):
             raise ValueError("the chat template does not render a reply as a continuation of the generation prompt")
