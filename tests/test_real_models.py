@@ -12,9 +12,9 @@ from speechllm.packaged_models import smollm2_gguf
 
 SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: these tests run in CI
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The shipped projector is still on the plateau before speech-text alignment (README: 208% on these clips):
-# this guards the pipeline, and must come down to the measured figure as the projector is trained further.
-SHIPPED_PROJECTOR_MAX_WER = 2.5
+# The shipped projector reads the audio but loops on these clips (README: 202.7%, mostly insertions): this
+# guards the pipeline and that figure, and must come down as the projector is trained further.
+SHIPPED_PROJECTOR_MAX_WER = 2.2
 
 
 @pytest.fixture(scope="module")
