@@ -40,16 +40,18 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     args = parser.parse_args()
 
-    overrides = {
-        k: getattr(args, k) for k in ("whisper_model_name_or_path", "llm_model_name_or_path") if getattr(args, k)
-    }
-    model = SpeechLLM.from_pretrained(args.model, model_dtype=args.model_dtype, **overrides).eval()
+    model = SpeechLLM.from_pretrained(
+        args.model,
+        whisper_model_name_or_path=args.whisper_model_name_or_path,
+        llm_model_name_or_path=args.llm_model_name_or_path,
+        model_dtype=args.model_dtype,
+    ).eval()
     examples = read_jsonl(args.data)
     examples = examples[:: max(1, len(examples) // args.limit)][: args.limit] if args.limit else examples
     audios = [load_example_audio(e) for e in examples]
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     swapped = list(audios)
-    for a, b in zip(order[0::2], order[1::2]):  # neighbours in length trade audio
+    for a, b in zip(order[0::2], order[1::2]):  # neighbours in length trade audio (an odd last one keeps its own)
         swapped[a], swapped[b] = audios[b], audios[a]
 
     own, other = (

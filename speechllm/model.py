@@ -191,13 +191,14 @@ class SpeechLLM(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "SpeechLLM":
-        """Rebuild encoder and LLM from the names in the saved config (or overrides, e.g. local paths), then load
-        the projector strictly."""
+        """Rebuild encoder and LLM from the names in the saved config (or overrides, e.g. local paths; None keeps
+        the saved value), then load the projector strictly."""
         config = SpeechLLMConfig.from_pretrained(path)
         for name, value in overrides.items():
             if not hasattr(config, name):
                 raise ValueError(f"{name!r} is not a SpeechLLMConfig field")
-            setattr(config, name, value)
+            if value is not None:
+                setattr(config, name, value)
         model = cls(config)
         model.load_projector(path)
         return model

@@ -61,12 +61,13 @@ def write_results(path: str, keys: list[str], hypotheses: list[str]):
 def main(argv: list[str] | None = None) -> dict | None:
     (args,) = HfArgumentParser(RecognizeArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     examples = read_jsonl(args.data_path, require_text=False)
-    overrides = {
-        name: getattr(args, name)
-        for name in ("whisper_model_name_or_path", "llm_model_name_or_path", "model_dtype", "audio_mode")
-        if getattr(args, name) is not None
-    }
-    model = SpeechLLM.from_pretrained(args.projector_model_path, **overrides)
+    model = SpeechLLM.from_pretrained(
+        args.projector_model_path,
+        whisper_model_name_or_path=args.whisper_model_name_or_path,
+        llm_model_name_or_path=args.llm_model_name_or_path,
+        model_dtype=args.model_dtype,
+        audio_mode=args.audio_mode,
+    )
     state = PartialState()
     model.to(state.device)
     hypotheses = recognize(model, examples, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt)

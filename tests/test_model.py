@@ -52,8 +52,9 @@ def test_save_and_from_pretrained_give_identical_outputs(make_model, tiny, tmp_p
     model.save_pretrained(tmp_path)
     saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
     assert set(saved) == {f"projector.{k}" for k in model.projector.state_dict()}
-    loaded = SpeechLLM.from_pretrained(tmp_path)
+    loaded = SpeechLLM.from_pretrained(tmp_path, llm_model_name_or_path=None)  # None keeps the saved value
     assert loaded.config.projector_kernel_size == 4
+    assert loaded.config.llm_model_name_or_path == model.config.llm_model_name_or_path
     batch = Collator(model.processor)(tones(SpeechDataset(tiny["jsonl"])))
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
