@@ -33,8 +33,8 @@ class Processor:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the chat template holds every special
 
-    def _generation_prompt(self, prompt: str) -> str:
-        """The chat rendered up to the assistant's turn, once per distinct prompt."""
+    def _rendered(self, prompt: str) -> tuple[str, tuple[list[int], list[int]]]:
+        """The chat up to the assistant's turn, as text and as token ids split at the placeholder; once a prompt."""
         if prompt not in self._prompt_cache:
             if prompt.count(AUDIO_PLACEHOLDER) != 1:
                 raise ValueError(f"a prompt must contain {AUDIO_PLACEHOLDER!r} exactly once: {prompt!r}")
@@ -43,16 +43,15 @@ class Processor:
             )
             before, after = chat.split(AUDIO_PLACEHOLDER)
             self._prompt_cache[prompt] = chat, (self._encode(before), self._encode(after))
-        return self._prompt_cache[prompt][0]
+        return self._prompt_cache[prompt]
 
     def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids of the chat up to the assistant's turn, split at the audio placeholder."""
-        self._generation_prompt(prompt)
-        return self._prompt_cache[prompt][1]
+        return self._rendered(prompt)[1]
 
     def response_ids(self, prompt: str, response: str) -> list[int]:
         """The assistant's answer and its end-of-turn token, as the chat template writes them; nothing after."""
-        chat = self._generation_prompt(prompt)
+        chat, _ = self._rendered(prompt)
         full = self.tokenizer.apply_chat_template(
             self._messages(prompt) + [{"role": "assistant", "content": response}], tokenize=False
         )
