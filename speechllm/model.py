@@ -13,6 +13,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .audio import SAMPLE_RATE, load_audio
 from .encoder import load_whisper_encoder
+from .lora import add_lora, is_lora_parameter
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 
@@ -35,6 +36,10 @@ class SpeechLLMConfig(PretrainedConfig):
         model_dtype: str = "bfloat16",  # dtype of the frozen encoder and LLM
         encoder_dim: int | None = None,  # filled in from the models, checked when a checkpoint is loaded
         hidden_size: int | None = None,  # the LLM's; DeepSpeed's "auto" sizes read it
+        lora_rank: int = 0,  # 0: the LLM stays wholly frozen; otherwise LoRA of this rank is trained inside it
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_target_modules: str = "all-linear",  # or module names, comma-separated: "q_proj,v_proj"
         **kwargs,
     ):
         self.whisper_model_name_or_path = whisper_model_name_or_path
@@ -47,6 +52,10 @@ class SpeechLLMConfig(PretrainedConfig):
         self.model_dtype = model_dtype
         self.encoder_dim = encoder_dim
         self.hidden_size = hidden_size
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.lora_target_modules = lora_target_modules
         super().__init__(**kwargs)
 
 
@@ -95,6 +104,8 @@ class SpeechLLM(PreTrainedModel):
         self.projector = Projector(
             config.encoder_dim, config.hidden_size, config.projector_kernel_size, config.projector_hidden_size
         )
+        if config.lora_rank:
+            self._add_lora()
         self.processor = Processor(
             self.tokenizer,
             stop_token_ids(self.tokenizer, self.llm.generation_config),
@@ -180,10 +191,31 @@ class SpeechLLM(PreTrainedModel):
     def gradient_checkpointing_disable(self):
         self.llm.gradient_checkpointing_disable()
 
+    def _add_lora(self):
+        config = self.config
+        add_lora(self.llm, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+
+    def add_lora(self, lora_rank: int, **lora_options) -> "SpeechLLM":
+        """Fresh LoRA weights (rank, and lora_alpha/lora_dropout/lora_target_modules as in the config) for a model
+        that has none, e.g. to go on training from an aligned projector-only checkpoint."""
+        if self.config.lora_rank:
+            raise ValueError(f"the model already has LoRA of rank {self.config.lora_rank}")
+        for name, value in {"lora_rank": lora_rank, **lora_options}.items():
+            if not name.startswith("lora_") or not hasattr(self.config, name):
+                raise ValueError(f"{name!r} is not a LoRA option")
+            setattr(self.config, name, value)
+        self._add_lora()
+        return self
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """What training changes and a checkpoint holds: the projector and any LoRA weights, never the frozen models."""
+        return {n: p for n, p in self.named_parameters() if n.startswith("projector.") or is_lora_parameter(n)}
+
     def save_pretrained(self, save_directory, is_main_process: bool = True, **ignored):
-        """The config and the projector's weights, nothing of the frozen models (gathered under ZeRO-3)."""
-        with _gathered(list(self.projector.parameters())):
-            state = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+        """The config and the trained weights, nothing of the frozen models (gathered under ZeRO-3)."""
+        trained = self.trained_parameters()
+        with _gathered(list(trained.values())):
+            state = {name: p.detach().cpu().contiguous() for name, p in trained.items()}
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             self.config.save_pretrained(save_directory)
@@ -192,7 +224,7 @@ class SpeechLLM(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "SpeechLLM":
         """Rebuild encoder and LLM from the names in the saved config (or overrides, e.g. local paths; None keeps
-        the saved value), then load the projector strictly."""
+        the saved value), then load the trained weights strictly."""
         config = SpeechLLMConfig.from_pretrained(path)
         for name, value in overrides.items():
             if not hasattr(config, name):
@@ -200,28 +232,35 @@ class SpeechLLM(PreTrainedModel):
             if value is not None:
                 setattr(config, name, value)
         model = cls(config)
-        model.load_projector(path)
+        model.load_trained(path)
         return model
 
-    def load_projector(self, path):
+    def load_trained(self, path):
+        """The projector's (and LoRA's) weights from a folder save_pretrained or a checkpoint wrote."""
         file = os.path.join(path, WEIGHTS_NAME)
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no projector weights here")
+            raise FileNotFoundError(f"{file}: no trained weights here")
         saved = safetensors.torch.load_file(file)
-        expected = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
-        models = f"{self.config.whisper_model_name_or_path!r} + {self.config.llm_model_name_or_path!r}"
+        expected = self.trained_parameters()
+        config = self.config
+        models = (
+            f"{config.whisper_model_name_or_path!r} + {config.llm_model_name_or_path!r} (LoRA rank {config.lora_rank})"
+        )
         missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
         if missing or unexpected:
             raise ValueError(
-                f"{file} does not fit the projector for {models}: missing {missing}, unexpected {unexpected}"
+                f"{file} does not fit the model for {models}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
             )
         for key, tensor in saved.items():
             if tensor.shape != expected[key].shape:
                 raise ValueError(
-                    f"{file}: {key} has shape {tuple(tensor.shape)}, the projector for {models} needs "
+                    f"{file}: {key} has shape {tuple(tensor.shape)}, the model for {models} needs "
                     f"{tuple(expected[key].shape)}"
                 )
-        self.projector.load_state_dict({key[len("projector.") :]: tensor for key, tensor in saved.items()})
+        with torch.no_grad():
+            for key, tensor in saved.items():
+                expected[key].copy_(tensor)
 
 
 def _gathered(parameters):

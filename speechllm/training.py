@@ -17,24 +17,36 @@ from .model import SpeechLLM, SpeechLLMConfig
 _DEFAULTS = SpeechLLMConfig()
 
 
+def _option(help: str, **metadata):
+    """A model option left unset (None) keeps the value saved with --projector_model_path, else the default."""
+    return field(default=None, metadata={"help": help, **metadata})
+
+
 @dataclass
 class ModelArguments:
-    whisper_model_name_or_path: str = field(
-        default=_DEFAULTS.whisper_model_name_or_path,
-        metadata={"help": "openai-whisper name or .pt, faster-whisper/CTranslate2 folder, or HF Whisper folder"},
-    )
-    llm_model_name_or_path: str = field(
-        default=_DEFAULTS.llm_model_name_or_path, metadata={"help": "HF chat model: hub name, folder or .gguf file"}
-    )
     projector_model_path: str | None = field(
-        default=None, metadata={"help": "start from this saved SpeechLLM's projector (and its prompt/sizes)"}
+        default=None,
+        metadata={"help": "go on from this saved SpeechLLM: its trained weights and every option not given here"},
     )
-    projector_kernel_size: int = _DEFAULTS.projector_kernel_size
-    projector_hidden_size: int = _DEFAULTS.projector_hidden_size
-    prompt: str = field(default=_DEFAULTS.prompt, metadata={"help": "user turn, with <speech> where the audio goes"})
-    system_prompt: str | None = field(default=None, metadata={"help": "default: the chat template's own"})
-    audio_mode: str = field(default=_DEFAULTS.audio_mode, metadata={"choices": ["dynamic", "window"]})
-    model_dtype: str = field(default=_DEFAULTS.model_dtype, metadata={"choices": ["bfloat16", "float16", "float32"]})
+    whisper_model_name_or_path: str | None = _option(
+        f"openai-whisper name or .pt, faster-whisper/CTranslate2 folder, or HF Whisper folder "
+        f"(default {_DEFAULTS.whisper_model_name_or_path})"
+    )
+    llm_model_name_or_path: str | None = _option(
+        f"HF chat model: hub name, folder or .gguf file (default {_DEFAULTS.llm_model_name_or_path})"
+    )
+    projector_kernel_size: int | None = _option(f"default {_DEFAULTS.projector_kernel_size}")
+    projector_hidden_size: int | None = _option(f"default {_DEFAULTS.projector_hidden_size}")
+    prompt: str | None = _option(f"user turn, with <speech> where the audio goes (default {_DEFAULTS.prompt!r})")
+    system_prompt: str | None = _option("default: the chat template's own")
+    audio_mode: str | None = _option(f"default {_DEFAULTS.audio_mode}", choices=["dynamic", "window"])
+    model_dtype: str | None = _option(f"default {_DEFAULTS.model_dtype}", choices=["bfloat16", "float16", "float32"])
+    lora_rank: int | None = _option("train LoRA of this rank inside the LLM (default 0: the LLM stays frozen)")
+    lora_alpha: float | None = _option(f"default {_DEFAULTS.lora_alpha}")
+    lora_dropout: float | None = _option(f"default {_DEFAULTS.lora_dropout}")
+    lora_target_modules: str | None = _option(
+        f"'all-linear' or comma-separated module names (default {_DEFAULTS.lora_target_modules})"
+    )
 
 
 @dataclass
@@ -44,15 +56,17 @@ class DataArguments:
 
 
 def build_model(model_args: ModelArguments) -> SpeechLLM:
-    if model_args.projector_model_path:
-        overrides = {
-            "whisper_model_name_or_path": model_args.whisper_model_name_or_path,
-            "llm_model_name_or_path": model_args.llm_model_name_or_path,
-            "model_dtype": model_args.model_dtype,
-        }
-        return SpeechLLM.from_pretrained(model_args.projector_model_path, **overrides)
-    config = {k: v for k, v in asdict(model_args).items() if k != "projector_model_path"}
-    return SpeechLLM(SpeechLLMConfig(**config))
+    """A new model, or a saved one with the options given on top; LoRA options on a model saved without LoRA
+    add fresh LoRA weights to it."""
+    given = {k: v for k, v in asdict(model_args).items() if v is not None and k != "projector_model_path"}
+    if not model_args.projector_model_path:
+        return SpeechLLM(SpeechLLMConfig(**given))
+    saved = SpeechLLMConfig.from_pretrained(model_args.projector_model_path)
+    new_lora = {k: given.pop(k) for k in list(given) if k.startswith("lora_")} if not saved.lora_rank else {}
+    model = SpeechLLM.from_pretrained(model_args.projector_model_path, **given)
+    if new_lora.get("lora_rank"):
+        model.add_lora(**new_lora)
+    return model
 
 
 class SpeechLLMTrainer(Trainer):
@@ -75,7 +89,7 @@ class SpeechLLMTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        (model or self.model).load_projector(resume_from_checkpoint)
+        (model or self.model).load_trained(resume_from_checkpoint)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset or self.train_dataset
