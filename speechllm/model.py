@@ -3,12 +3,14 @@
 import contextlib
 import math
 import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .audio import SAMPLE_RATE, load_audio
@@ -18,6 +20,9 @@ from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 
 WEIGHTS_NAME = "model.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
+# Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
+LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
 
 
@@ -75,10 +80,28 @@ def load_llm(name_or_path: str, dtype: torch.dtype):
 
 
 def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """The LLM's own end-of-turn tokens: the tokenizer's eos first, then any its generation config adds."""
+    """Where an answer ends: the LLM's own end-of-turn tokens (the tokenizer's eos first, then any its generation
+    config adds), then the special tokens that open a turn, so an answer that skips its end of turn and starts the
+    next one ("... the end. assistant Mary said") stops there instead of leaking the role into the text."""
     extra = generation_config.eos_token_id
     extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
-    return list(dict.fromkeys([tokenizer.eos_token_id] + extra))
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *extra, *turn_token_ids(tokenizer)] if i is not None))
+
+
+def turn_token_ids(tokenizer) -> list[int]:
+    """The special tokens of the assistant's turn header, as the chat template writes it."""
+    messages = [{"role": "user", "content": "?"}]
+    chat = tokenizer.apply_chat_template(messages, tokenize=False)
+    header = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)[len(chat) :]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return [i for i in tokenizer(header, add_special_tokens=False)["input_ids"] if i in special]
+
+
+@dataclass
+class Hypothesis:
+    text: str
+    token_ids: list[int]  # the answer's tokens, without the stop token
+    finished: bool  # False: it ran to max_new_tokens without ending (most often a loop)
 
 
 class SpeechLLM(PreTrainedModel):
@@ -106,6 +129,7 @@ class SpeechLLM(PreTrainedModel):
         )
         if config.lora_rank:
             self._add_lora()
+        self.generation_config = GenerationConfig(**LOOP_GUARDS)
         self.processor = Processor(
             self.tokenizer,
             stop_token_ids(self.tokenizer, self.llm.generation_config),
@@ -157,26 +181,41 @@ class SpeechLLM(PreTrainedModel):
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
         inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens)
-        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+        with warnings.catch_warnings():  # that the loop guards see only the answer, not the prompt, is the point
+            warnings.filterwarnings("ignore", message="Passing `.*` with `inputs_embeds`")
+            return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    def transcribe_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None) -> list[str]:
-        """One batch of 16 kHz arrays to text, greedy (num_beams=1) or beam search."""
+    def decode_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[Hypothesis]:
+        """One batch of 16 kHz arrays to hypotheses, greedy (num_beams=1) or beam search. options: generate()'s,
+        e.g. repetition_penalty and no_repeat_ngram_size, whose defaults come from self.generation_config."""
         longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
         max_new_tokens = max_new_tokens or math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+        options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
         batch = self.processor(audios, prompts or [None] * len(audios))
         batch = {name: tensor.to(self.llm.device) for name, tensor in batch.items()}
-        tokens = self.generate(**batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
-        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        rows = self.generate(**batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options)
+        stops = set(self.processor.stop_token_ids)
+        hypotheses = []
+        for row in rows.tolist():
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            ids = row if end is None else row[:end]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            hypotheses.append(Hypothesis(text, ids, finished=end is not None))
+        return hypotheses
 
-    def transcribe(self, audio, prompt=None, num_beams=1, batch_size=8, max_new_tokens=None):
-        """Audio file paths or 16 kHz arrays, one or a list, to text (a string or a list of strings)."""
+    def transcribe_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[str]:
+        return [h.text for h in self.decode_batch(audios, prompts, num_beams, max_new_tokens, **options)]
+
+    def transcribe(self, audio, prompt=None, num_beams=1, batch_size=8, max_new_tokens=None, **options):
+        """Audio file paths or 16 kHz arrays, one or a list, to text (a string or a list of strings). options:
+        generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults: self.generation_config)."""
         single = isinstance(audio, (str, os.PathLike)) or (isinstance(audio, np.ndarray) and audio.ndim == 1)
         clips = [audio] if single else list(audio)
         clips = [load_audio(c) if isinstance(c, (str, os.PathLike)) else np.asarray(c, np.float32) for c in clips]
         texts = []
         for start in range(0, len(clips), batch_size):
             batch = clips[start : start + batch_size]
-            texts += self.transcribe_batch(batch, [prompt] * len(batch), num_beams, max_new_tokens)
+            texts += self.transcribe_batch(batch, [prompt] * len(batch), num_beams, max_new_tokens, **options)
         return texts[0] if single else texts
 
     # --- HF plumbing: the frozen models are rebuilt from their names, only the projector is stored ------------
@@ -219,6 +258,7 @@ class SpeechLLM(PreTrainedModel):
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             self.config.save_pretrained(save_directory)
+            self.generation_config.save_pretrained(save_directory)
             safetensors.torch.save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
@@ -233,6 +273,8 @@ class SpeechLLM(PreTrainedModel):
                 setattr(config, name, value)
         model = cls(config)
         model.load_trained(path)
+        if os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
+            model.generation_config = GenerationConfig.from_pretrained(path)
         return model
 
     def load_trained(self, path):
