@@ -309,6 +309,8 @@ def torchrun(args, output_dir, deepspeed=False):
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    # The driver lives in tests/, so Python would import an installed speechllm (perhaps another checkout's): this one.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if deepspeed:
         env["DS_ACCELERATOR"] = "cpu"
     command = [
