@@ -49,6 +49,9 @@ class ModelArguments:
     lora_target_modules: str | None = _option(
         f"'all-linear' or comma-separated module names (default {_DEFAULTS.lora_target_modules})"
     )
+    answer_max_new_tokens: int | None = _option(
+        f"generation budget for prompts other than --prompt (default {_DEFAULTS.answer_max_new_tokens})"
+    )
 
 
 @dataclass
