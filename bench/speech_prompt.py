@@ -16,7 +16,8 @@ import torch
 
 from speechllm import AUDIO_PLACEHOLDER, SpeechLLM
 from speechllm.data import DataError, load_example_audio, read_jsonl
-from speechllm.distill import base_llm, text_batch
+from speechllm.distill import text_batch
+from speechllm.lora import lora_disabled
 from speechllm.metrics import rouge_l
 from speechllm.processor import IGNORE_INDEX
 
@@ -27,7 +28,7 @@ PROMPTS = [AUDIO_PLACEHOLDER, f"Summarise in one sentence:\n{AUDIO_PLACEHOLDER}"
 def teacher_answers(model: SpeechLLM, prompts, transcripts, max_new_tokens: int) -> list[str]:
     """The frozen LLM's greedy answers to the chats with each transcript in place of the audio."""
     batch = {k: v.to(model.llm.device) for k, v in text_batch(model.processor, prompts, transcripts).items()}
-    with base_llm(model.llm):
+    with lora_disabled(model.llm):
         tokens = model.llm.generate(
             **batch,
             max_new_tokens=max_new_tokens,

@@ -9,13 +9,13 @@ left-padded and end with the same answer tokens, so the answer fills the same la
 is taking the last K + 1 logits of each, K the number of columns that hold any answer token in the batch.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .data import Collator
+from .lora import lora_disabled
 from .processor import IGNORE_INDEX, Processor
 
 
@@ -66,16 +66,11 @@ class DistillCollator(Collator):
         return batch | {f"teacher_{name}": tensor for name, tensor in teacher.items()}
 
 
-def base_llm(llm):
-    """The frozen LLM itself while in this context: a LoRA-adapted one (a peft PeftModel) has its adapters off."""
-    return llm.disable_adapter() if hasattr(llm, "disable_adapter") else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def teacher_logits(llm, input_ids, attention_mask, keep: int) -> torch.Tensor:
-    """The frozen LLM's logits at the last keep positions of the text batch."""
+    """The frozen LLM's logits (LoRA off) at the last keep positions of the text batch."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as SpeechLLM.forward: left padding shifts nothing
-    with base_llm(llm):
+    with lora_disabled(llm):
         output = llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep)
     return output.logits
 

@@ -507,3 +507,22 @@ def test_zero3_distillation_is_one_data_parallel_job(tiny, distill_data, distill
     assert set(weights(tmp_path / "checkpoint-2")) == projector_keys(distilled.model)
     # Teacher and KL normalised over both ranks' answer tokens: the one-process steps.
     assert_same(rank_weights[0], weights(distilled.args.output_dir), atol=1e-4)
+
+
+def test_zero3_distillation_with_lora_takes_the_one_process_steps(tiny, distill_data, tmp_path):
+    """With LoRA the teacher is the LLM with its adapters off, switched off and on again inside every step: under
+    ZeRO-3 the LoRA weights still train, and as one process trains them."""
+    pytest.importorskip("deepspeed")
+    lora = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--lora_target_modules", "q_proj,v_proj"]
+    common = [*SEQUENTIAL_SGD, *DISTILL, *lora, "--num_train_epochs", "1", "--save_steps", "2"]
+    one_args = train_args(tiny, distill_data, tmp_path / "one", *common)
+    one_args[one_args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    one = train(one_args)
+    output_dir = tmp_path / "zero3"
+    args = train_args(tiny, distill_data, output_dir, *common, "--deepspeed", str(DS_CONFIG))
+    runs, rank_weights = torchrun(args, output_dir, deepspeed=True)
+    assert_one_data_parallel_job(runs, rank_weights, output_dir, list(range(1, STEPS_PER_EPOCH + 1)))
+    final = weights(output_dir)
+    assert set(final) == set(one.model.trained_parameters())
+    assert any(final[k].abs().max() > 0 for k in final if "lora_B" in k), "LoRA's B never left zero"
+    assert_same(rank_weights[0], weights(one.args.output_dir), atol=1e-4)
