@@ -498,6 +498,14 @@ def test_distillation_logs_its_terms_and_resumes_exactly(tiny, distill_data, dis
     assert_same(weights(tmp_path), weights(distilled.args.output_dir))
 
 
+def test_distillation_with_gradient_checkpointing_takes_the_same_steps(tiny, distill_data, distilled, tmp_path):
+    args = train_args(tiny, distill_data, tmp_path, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
+    args[args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    checkpointed = train(args + ["--save_strategy", "no", "--gradient_checkpointing"])
+    assert checkpointed.model.llm.is_gradient_checkpointing  # the teacher runs through it too, without gradients
+    assert_same(weights(tmp_path), weights(distilled.args.output_dir), atol=1e-6)
+
+
 def test_zero3_distillation_is_one_data_parallel_job(tiny, distill_data, distilled, tmp_path):
     pytest.importorskip("deepspeed")
     args = train_args(tiny, distill_data, tmp_path, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
