@@ -108,9 +108,10 @@ class Distillation:
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
         columns = answer_columns(labels)
+        student_answer = labels[:, labels.shape[1] - columns :]
         teacher_answer = teacher_input_ids[:, teacher_input_ids.shape[1] - columns :]
-        answer = labels[:, labels.shape[1] - columns :] != IGNORE_INDEX
-        if not torch.equal(teacher_answer[answer], labels[:, labels.shape[1] - columns :][answer]):
+        answer = student_answer != IGNORE_INDEX
+        if not torch.equal(teacher_answer[answer], student_answer[answer]):
             raise ValueError("the teacher's batch does not end with the student's answers")
         teacher = teacher_logits(speechllm.llm, teacher_input_ids, teacher_attention_mask, columns + 1)
         kl = kl_sum(outputs.logits, teacher, labels, self.args.distill_temperature)
