@@ -1,15 +1,19 @@
-"""Speech-as-a-prompt data, by distillation: the target is the LLM's own answer to the transcript.
+"""Speech-as-a-prompt data: each clip with one or more instructions, the LLM's own answer to the transcript as the
+target (hard-target distillation), and the transcript itself, which the teacher reads with --distill_weight.
 
-    python examples/make_speech_prompt_data.py --llm Qwen/Qwen2.5-1.5B-Instruct \
-        --instruction "Summarise in one sentence:" train.jsonl summary_train.jsonl
+    python examples/make_speech_prompt_data.py --llm Qwen/Qwen2.5-1.5B-Instruct --system_prompt "" \
+        --instruction "" --instruction "Summarise in one sentence:" --instruction "What is this about?" \
+        train.jsonl speech_prompt_train.jsonl
 
-With --instruction "" the audio itself is the instruction (prompt "<speech>", target: the LLM's reply to the
-transcript). Otherwise text and speech are interleaved: "INSTRUCTION\n<speech>". Training on these teaches the
-projector to make the LLM answer the audio as it answers the text.
+--instruction "" (the default) makes the audio itself the instruction: prompt "<speech>", target the LLM's reply to
+the transcript. Any other text is interleaved with the speech: "INSTRUCTION\n<speech>". Each input line gives one
+line per instruction (keys KEY-0, KEY-1, ... when there are several), so one training set teaches several uses.
+Give the --system_prompt you train with: the targets are then what the teacher answers in the same chat.
 """
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -18,10 +22,11 @@ from speechllm.data import read_jsonl
 from speechllm.model import load_llm, stop_token_ids
 
 
-def llm_answers(llm, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
+def llm_answers(llm, tokenizer, questions: list[str], max_new_tokens: int, system_prompt=None) -> list[str]:
     """Greedy chat answers to text questions, in left-padded batches."""
     tokenizer.padding_side = "left"
-    chats = [[{"role": "user", "content": q}] for q in questions]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    chats = [system + [{"role": "user", "content": q}] for q in questions]
     inputs = tokenizer.apply_chat_template(
         chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
     )
@@ -44,21 +49,32 @@ def main(argv=None):
     parser.add_argument("input", help="jsonl whose txt is the transcript")
     parser.add_argument("output")
     parser.add_argument("--llm", required=True, help="the same LLM the SpeechLLM will use")
-    parser.add_argument("--instruction", default="", help='text before the audio; "" for spoken instructions')
+    parser.add_argument(
+        "--instruction", action="append", help='text before the audio, "" for a spoken instruction; repeat for more'
+    )
+    parser.add_argument("--system_prompt", default=None, help="the one you train with (default: the template's own)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
     args = parser.parse_args(argv)
 
+    instructions = args.instruction or [""]
     llm, tokenizer = load_llm(args.llm, torch.float32)
     examples = read_jsonl(args.input)
-    prompt = f"{args.instruction}\n{AUDIO_PLACEHOLDER}" if args.instruction else AUDIO_PLACEHOLDER
-    with open(args.output, "w", encoding="utf-8") as out:
-        for start in range(0, len(examples), args.batch_size):
-            batch = examples[start : start + args.batch_size]
-            questions = [f"{args.instruction}\n{e.txt}" if args.instruction else e.txt for e in batch]
-            for example, answer in zip(batch, llm_answers(llm, tokenizer, questions, args.max_new_tokens)):
-                row = {"key": example.key, "wav": example.wav, "txt": answer, "prompt": prompt}
+    jobs = [(example, i, instruction) for example in examples for i, instruction in enumerate(instructions)]
+    with open(args.output + ".tmp", "w", encoding="utf-8") as out:  # renamed when whole
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start : start + args.batch_size]
+            prompts = [
+                f"{instruction}\n{AUDIO_PLACEHOLDER}" if instruction else AUDIO_PLACEHOLDER
+                for _, _, instruction in batch
+            ]
+            questions = [prompt.replace(AUDIO_PLACEHOLDER, e.txt) for prompt, (e, _, _) in zip(prompts, batch)]
+            answers = llm_answers(llm, tokenizer, questions, args.max_new_tokens, args.system_prompt)
+            for (example, i, _), prompt, answer in zip(batch, prompts, answers):
+                key = example.key if len(instructions) == 1 else f"{example.key}-{i}"
+                row = {"key": key, "wav": example.wav, "txt": answer, "prompt": prompt, "transcript": example.txt}
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(args.output + ".tmp", args.output)
 
 
 if __name__ == "__main__":

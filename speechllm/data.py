@@ -1,4 +1,5 @@
-"""jsonl datasets: one {"wav", "txt", "key"?, "prompt"?} object a line; every error names the file and line."""
+"""jsonl datasets: one {"wav", "txt", "key"?, "prompt"?, "transcript"?} object a line; every error names the file and
+line."""
 
 import json
 import os
@@ -20,11 +21,12 @@ class Example:
     wav: str  # absolute path
     txt: str | None
     prompt: str | None
+    transcript: str | None  # what is said in the audio, when txt is something else (distillation's teacher reads it)
     duration: float | None  # seconds, when the jsonl says
     where: str  # "file:line", for error messages
 
 
-def read_jsonl(path: str, require_text: bool = True) -> list[Example]:
+def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = False) -> list[Example]:
     """Parse and check every line up front, so a bad line fails before hours of work, not during them."""
     folder = os.path.dirname(os.path.abspath(path))
     examples, keys = [], {}
@@ -39,7 +41,7 @@ def read_jsonl(path: str, require_text: bool = True) -> list[Example]:
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
             if not isinstance(item, dict):
                 raise DataError(f"{where}: expected a JSON object")
-            fields = ["wav", "txt"] if require_text else ["wav"]
+            fields = ["wav"] + ["txt"] * require_text + ["transcript"] * require_transcript
             for field in fields:
                 if not isinstance(item.get(field), str):
                     raise DataError(f"{where}: missing string field {field!r}")
@@ -50,7 +52,8 @@ def read_jsonl(path: str, require_text: bool = True) -> list[Example]:
             if key in keys:
                 raise DataError(f"{where}: key {key!r} already used on line {keys[key]}")
             keys[key] = number
-            examples.append(Example(key, wav, item.get("txt"), item.get("prompt"), item.get("duration"), where))
+            optional = {name: item.get(name) for name in ("txt", "prompt", "transcript", "duration")}
+            examples.append(Example(key, wav, **optional, where=where))
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -64,15 +67,16 @@ def load_example_audio(example: Example):
 
 
 class SpeechDataset(torch.utils.data.Dataset):
-    def __init__(self, path: str, require_text: bool = True):
-        self.examples = read_jsonl(path, require_text)
+    def __init__(self, path: str, require_text: bool = True, require_transcript: bool = False):
+        self.examples = read_jsonl(path, require_text, require_transcript)
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, index):
         example = self.examples[index]
-        return {"audio": load_example_audio(example), "prompt": example.prompt, "txt": example.txt}
+        audio = load_example_audio(example)
+        return {"audio": audio, "prompt": example.prompt, "txt": example.txt, "transcript": example.transcript}
 
     @property
     def lengths(self) -> list[int]:

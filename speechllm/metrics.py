@@ -1,4 +1,5 @@
-"""Word and character error rates after Whisper's text normalisation, so casing and punctuation are not errors."""
+"""Word and character error rates after Whisper's text normalisation, so casing and punctuation are not errors;
+ROUGE-L for answers that are not transcripts."""
 
 import jiwer
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
@@ -42,3 +43,16 @@ def format_error_rate(result: dict) -> str:
         f"(S={result['substitutions']} D={result['deletions']} I={result['insertions']} "
         f"N={result['reference_units']}, {result['utterances']} utterances)"
     )
+
+
+def rouge_l(references: list[str], hypotheses: list[str]) -> float:
+    """Mean ROUGE-L F-measure over the pairs: Google's rouge-score, with its Porter stemmer as summarisation papers
+    report it."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as error:  # only the speech-prompt bench needs it
+        raise ImportError("ROUGE-L needs rouge-score: pip install 'speechllm[bench]'") from error
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError(f"need as many hypotheses as references, and some: {len(hypotheses)}, {len(references)}")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)) / len(references)

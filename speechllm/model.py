@@ -45,6 +45,8 @@ class SpeechLLMConfig(PretrainedConfig):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.05,
         lora_target_modules: str = "all-linear",  # or module names, comma-separated: "q_proj,v_proj"
+        answer_max_new_tokens: int = 256,  # budget for prompts other than the model's own, whose answers (a summary,
+        # a reply to a spoken question) are not as long as the audio
         **kwargs,
     ):
         self.whisper_model_name_or_path = whisper_model_name_or_path
@@ -61,6 +63,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
         self.lora_target_modules = lora_target_modules
+        self.answer_max_new_tokens = answer_max_new_tokens
         super().__init__(**kwargs)
 
 
@@ -186,10 +189,14 @@ class SpeechLLM(PreTrainedModel):
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def decode_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[Hypothesis]:
-        """One batch of 16 kHz arrays to hypotheses, greedy (num_beams=1) or beam search. options: generate()'s,
-        e.g. repetition_penalty and no_repeat_ngram_size, whose defaults come from self.generation_config."""
+        """One batch of 16 kHz arrays to hypotheses, greedy (num_beams=1) or beam search. Without max_new_tokens, the
+        model's own prompt gets room for the longest clip's words; any other prompt at least answer_max_new_tokens.
+        options: generate()'s, e.g. repetition_penalty and no_repeat_ngram_size (defaults: self.generation_config)."""
         longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
-        max_new_tokens = max_new_tokens or math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+        budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+        if any(prompt not in (None, self.config.prompt) for prompt in prompts or []):
+            budget = max(budget, self.config.answer_max_new_tokens)
+        max_new_tokens = max_new_tokens or budget
         options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
         batch = self.processor(audios, prompts or [None] * len(audios))
         batch = {name: tensor.to(self.llm.device) for name, tensor in batch.items()}

@@ -49,6 +49,15 @@ class Processor:
         """Token ids of the chat up to the assistant's turn, split at the audio placeholder."""
         return self._rendered(prompt)[1]
 
+    def text_prompt_ids(self, prompt: str, text: str) -> list[int]:
+        """Token ids of the same chat with the placeholder replaced by text, rendered and tokenised whole: what the
+        LLM reads when it is given the words instead of the audio."""
+        self._rendered(prompt)  # the same checks as the audio prompt
+        chat = self.tokenizer.apply_chat_template(
+            self._messages(prompt.replace(AUDIO_PLACEHOLDER, text)), tokenize=False, add_generation_prompt=True
+        )
+        return self._encode(chat)
+
     def response_ids(self, prompt: str, response: str) -> list[int]:
         """The assistant's answer and its end-of-turn token, as the chat template writes them; nothing after."""
         chat, _ = self._rendered(prompt)

@@ -26,7 +26,9 @@ class RecognizeArguments:
     prompt: str | None = field(default=None, metadata={"help": "override the saved prompt (a line's own wins)"})
     num_beams: int = field(default=4, metadata={"help": "1 is greedy"})
     batch_size: int = 8
-    max_new_tokens: int | None = field(default=None, metadata={"help": "default: enough for the longest clip"})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "default: enough for the longest clip; other prompts: answer_max_new_tokens"}
+    )
     metric: str = field(default="wer", metadata={"choices": ["wer", "cer"]})
 
 

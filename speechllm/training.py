@@ -1,5 +1,6 @@
 """Training glue: argument dataclasses and a Trainer that stores and restores only the projector."""
 
+import functools
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import Collator, SpeechDataset
+from .distill import DistillArguments, Distillation, DistillCollator
 from .model import SpeechLLM, SpeechLLMConfig
 
 _DEFAULTS = SpeechLLMConfig()
@@ -47,11 +49,14 @@ class ModelArguments:
     lora_target_modules: str | None = _option(
         f"'all-linear' or comma-separated module names (default {_DEFAULTS.lora_target_modules})"
     )
+    answer_max_new_tokens: int | None = _option(
+        f"generation budget for prompts other than --prompt (default {_DEFAULTS.answer_max_new_tokens})"
+    )
 
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": 'training jsonl: {"wav", "txt", "key"?, "prompt"?} a line'})
+    data_path: str = field(metadata={"help": 'training jsonl: {"wav", "txt", "key"?, "prompt"?, "transcript"?} a line'})
     eval_data_path: str | None = field(default=None, metadata={"help": "jsonl for evaluation loss"})
 
 
@@ -70,8 +75,9 @@ def build_model(model_args: ModelArguments) -> SpeechLLM:
 
 
 class SpeechLLMTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, distill_args: DistillArguments | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
         if self.is_deepspeed_enabled:  # DeepSpeed checkpoints hold no frozen weights (below): resume without them
             self.model.register_load_state_dict_post_hook(_frozen_weights_optional)
 
@@ -87,6 +93,16 @@ class SpeechLLMTrainer(Trainer):
         self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.distillation is not None:  # in place of the model, so the Trainer scales the combined loss as its own
+            model = functools.partial(self.distillation, model, self.accelerator.unwrap_model(model))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        if self.distillation is not None and "loss" in logs:
+            logs = logs | self.distillation.pop_means()
+        super().log(logs, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         (model or self.model).load_trained(resume_from_checkpoint)
@@ -116,20 +132,23 @@ def _init_cpu_distributed(argv: list[str]):
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     _init_cpu_distributed(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillArguments, TrainingArguments))
+    model_args, data_args, distill_args, training_args = parser.parse_args_into_dataclasses(argv)
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
 
+    # The data first: a bad line stops the run before the models load.
+    dataset = functools.partial(SpeechDataset, require_transcript=distill_args.enabled)
+    train_data = dataset(data_args.data_path)
+    eval_data = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     set_seed(training_args.seed)  # before the projector is initialised (the Trainer seeds only after that)
     model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
-    train_data = SpeechDataset(data_args.data_path)
-    eval_data = SpeechDataset(data_args.eval_data_path) if data_args.eval_data_path else None
     trainer = SpeechLLMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        data_collator=Collator(model.processor),
+        data_collator=(DistillCollator if distill_args.enabled else Collator)(model.processor),
+        distill_args=distill_args,
     )
     resume = training_args.resume_from_checkpoint
     if resume is None and os.path.isdir(training_args.output_dir):

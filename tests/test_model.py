@@ -113,3 +113,23 @@ def test_n_mels_comes_from_the_checkpoint_and_long_audio_is_kept(make_model):
     with torch.no_grad():
         assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
     assert isinstance(model.transcribe(long_clip, max_new_tokens=3), str)
+
+
+def test_answers_to_other_prompts_get_their_own_token_budget(make_model, monkeypatch):
+    model = make_model(answer_max_new_tokens=40)
+    budgets, generate = [], model.llm.generate
+
+    def recording(**kwargs):
+        budgets.append(kwargs["max_new_tokens"])
+        return generate(**{**kwargs, "max_new_tokens": 1})
+
+    monkeypatch.setattr(model.llm, "generate", recording)
+    second, ten_seconds = np.zeros(SAMPLE_RATE, np.float32), np.zeros(10 * SAMPLE_RATE, np.float32)
+    other = "Summarise: <speech>"
+    model.transcribe_batch([second])  # the model's own prompt: room for the clip's words, 8 a second + 16
+    model.transcribe_batch([second], [model.config.prompt])
+    model.transcribe_batch([second], [other])  # another prompt: the answer budget
+    model.transcribe_batch([second, second], [None, other])  # one other prompt in the batch is enough
+    model.transcribe_batch([ten_seconds], [other])  # but never less than the audio's own budget
+    model.transcribe_batch([second], [other], max_new_tokens=5)  # and an explicit budget wins
+    assert budgets == [24, 24, 40, 40, 96, 5]

@@ -1,6 +1,7 @@
 """The data recipes for error correction and speech-as-a-prompt produce jsonl that train.py reads."""
 
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -38,17 +39,30 @@ def test_error_correction_prompts_hold_whispers_nbest(tmp_path):
     assert SpeechDataset(str(output))[0]["prompt"] == rows[0]["prompt"]
 
 
-def test_speech_prompt_targets_are_the_llms_own_answers(tiny, tmp_path):
+def test_speech_prompt_data_several_instructions_with_the_llms_answers_and_transcripts(tiny, make_model, tmp_path):
     recipe = load_script("make_speech_prompt_data")
     output = tmp_path / "distilled.jsonl"
-    args = ["--llm", tiny["qwen2"], "--instruction", "Summarise:", "--max_new_tokens", "6", "--batch_size", "3"]
+    instructions, system = ["", "Summarise:"], "Be brief."
+    args = ["--llm", tiny["qwen2"], "--system_prompt", system, "--max_new_tokens", "6", "--batch_size", "3"]
+    args += [part for instruction in instructions for part in ("--instruction", instruction)]
     recipe.main(args + [tiny["jsonl"], str(output)])
     rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["key"] for r in rows] == [f"utt{i}-{j}" for i in range(len(tiny["texts"])) for j in range(2)]
     llm, tokenizer = load_llm(tiny["qwen2"], torch.float32)
-    for row, text in zip(rows, tiny["texts"]):
-        assert row["prompt"] == f"Summarise:\n{AUDIO_PLACEHOLDER}"
-        assert row["txt"] == recipe.llm_answers(llm, tokenizer, [f"Summarise:\n{text}"], 6)[0]  # batched = alone
+    processor = make_model(system_prompt=system).processor
+    for row, (text, instruction) in zip(rows, itertools.product(tiny["texts"], instructions), strict=True):
+        prompt = f"{instruction}\n{AUDIO_PLACEHOLDER}" if instruction else AUDIO_PLACEHOLDER
+        question = prompt.replace(AUDIO_PLACEHOLDER, text)
+        assert (row["prompt"], row["transcript"]) == (prompt, text)
+        assert row["txt"] == recipe.llm_answers(llm, tokenizer, [question], 6, system)[0]  # batched = alone
+        # Distillation's teacher, trained with the same system prompt, reads the chat these answers were written for.
+        chat = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        assert (
+            processor.text_prompt_ids(prompt, text)
+            == tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
     assert len({r["txt"] for r in rows}) > 1
+    assert SpeechDataset(str(output), require_transcript=True)[1]["transcript"] == tiny["texts"][0]
 
 
 def test_prepare_jsonl_matches_audio_to_transcripts(tmp_path):

@@ -309,6 +309,8 @@ def torchrun(args, output_dir, deepspeed=False):
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    # The driver lives in tests/, so Python would import an installed speechllm (perhaps another checkout's): this one.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if deepspeed:
         env["DS_ACCELERATOR"] = "cpu"
     command = [
@@ -454,3 +456,81 @@ def test_zero3_bf16(tiny, data, tmp_path):
     )
     step1, step2 = weights(tmp_path / "checkpoint-1"), weights(tmp_path / "checkpoint-2")
     assert all(not torch.equal(step1[k], step2[k]) for k in step1)
+
+
+# --- distillation (speechllm/distill.py): one process, resumed, and 2 ZeRO-3 ranks ------------------------------------
+
+DISTILL = ["--distill_weight", "2.0", "--distill_temperature", "2.0", "--ce_weight", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def distill_data(data):
+    """The same clips and answers, each with a transcript (another line's text: teacher rows differ in length)."""
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    for row, transcript in zip(rows, TEXTS[1:] + TEXTS[:1]):
+        row["transcript"] = transcript
+    return write_jsonl(str(Path(data).with_name("distill.jsonl")), rows)
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny, distill_data, tmp_path_factory):
+    """One process, batch 2 x 2, 2 epochs with distillation: the reference for the ZeRO-3 and the resumed runs."""
+    output_dir = tmp_path_factory.mktemp("distilled")
+    args = train_args(tiny, distill_data, output_dir, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
+    args[args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    return train(args + ["--save_steps", "2"])
+
+
+def test_distillation_logs_its_terms_and_resumes_exactly(tiny, distill_data, distilled, tmp_path):
+    logged = [h for h in distilled.state.log_history if "loss" in h]
+    assert len(logged) == 2 * STEPS_PER_EPOCH
+    for h in logged:  # one process, no accumulation: the loss is exactly the weighted sum of the logged terms
+        assert h["kl"] > 0 and h["ce"] > 0, h
+        assert h["loss"] == pytest.approx(0.5 * h["ce"] + 2.0 * h["kl"], rel=1e-4), h
+    assert set(weights(distilled.args.output_dir)) == projector_keys(distilled.model)
+
+    args = train_args(tiny, distill_data, tmp_path, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
+    args[args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    train(args + ["--save_steps", "2"], [StopAt(2)])
+    record = Record()
+    train(args + ["--save_steps", "2"], [record])
+    assert record.steps == [3, 4]
+    assert_same(weights(tmp_path), weights(distilled.args.output_dir))
+
+
+def test_distillation_with_gradient_checkpointing_takes_the_same_steps(tiny, distill_data, distilled, tmp_path):
+    args = train_args(tiny, distill_data, tmp_path, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
+    args[args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    checkpointed = train(args + ["--save_strategy", "no", "--gradient_checkpointing"])
+    assert checkpointed.model.llm.is_gradient_checkpointing  # the teacher runs through it too, without gradients
+    assert_same(weights(tmp_path), weights(distilled.args.output_dir), atol=1e-6)
+
+
+def test_zero3_distillation_is_one_data_parallel_job(tiny, distill_data, distilled, tmp_path):
+    pytest.importorskip("deepspeed")
+    args = train_args(tiny, distill_data, tmp_path, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
+    runs, rank_weights = torchrun(args + ["--save_steps", "2", "--deepspeed", str(DS_CONFIG)], tmp_path, deepspeed=True)
+    assert_one_data_parallel_job(runs, rank_weights, tmp_path, list(range(1, 2 * STEPS_PER_EPOCH + 1)))
+    assert all(run["modules"]["llm"]["zero3"] for run in runs)
+    assert set(weights(tmp_path / "checkpoint-2")) == projector_keys(distilled.model)
+    # Teacher and KL normalised over both ranks' answer tokens: the one-process steps.
+    assert_same(rank_weights[0], weights(distilled.args.output_dir), atol=1e-4)
+
+
+def test_zero3_distillation_with_lora_takes_the_one_process_steps(tiny, distill_data, tmp_path):
+    """With LoRA the teacher is the LLM with its adapters off, switched off and on again inside every step: under
+    ZeRO-3 the LoRA weights still train, and as one process trains them."""
+    pytest.importorskip("deepspeed")
+    lora = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--lora_target_modules", "q_proj,v_proj"]
+    common = [*SEQUENTIAL_SGD, *DISTILL, *lora, "--num_train_epochs", "1", "--save_steps", "2"]
+    one_args = train_args(tiny, distill_data, tmp_path / "one", *common)
+    one_args[one_args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    one = train(one_args)
+    output_dir = tmp_path / "zero3"
+    args = train_args(tiny, distill_data, output_dir, *common, "--deepspeed", str(DS_CONFIG))
+    runs, rank_weights = torchrun(args, output_dir, deepspeed=True)
+    assert_one_data_parallel_job(runs, rank_weights, output_dir, list(range(1, STEPS_PER_EPOCH + 1)))
+    final = weights(output_dir)
+    assert set(final) == set(one.model.trained_parameters())
+    assert any(final[k].abs().max() > 0 for k in final if "lora_B" in k), "LoRA's B never left zero"
+    assert_same(rank_weights[0], weights(one.args.output_dir), atol=1e-4)
