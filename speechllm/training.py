@@ -12,6 +12,7 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
+from .augment import AugmentArguments, spec_augment
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
 from .model import SpeechLLM, SpeechLLMConfig
@@ -75,9 +76,16 @@ def build_model(model_args: ModelArguments) -> SpeechLLM:
 
 
 class SpeechLLMTrainer(Trainer):
-    def __init__(self, *args, distill_args: DistillArguments | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        distill_args: DistillArguments | None = None,
+        augment_args: AugmentArguments | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
+        self.augment = augment_args if augment_args and augment_args.spec_augment else None
         if self.is_deepspeed_enabled:  # DeepSpeed checkpoints hold no frozen weights (below): resume without them
             self.model.register_load_state_dict_post_hook(_frozen_weights_optional)
 
@@ -95,6 +103,8 @@ class SpeechLLMTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.augment is not None and model.training:  # training batches only, never evaluation
+            inputs = inputs | {"mel": spec_augment(inputs["mel"], inputs["mel_frames"], self.augment)}
         if self.distillation is not None:  # in place of the model, so the Trainer scales the combined loss as its own
             model = functools.partial(self.distillation, model, self.accelerator.unwrap_model(model))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -132,8 +142,8 @@ def _init_cpu_distributed(argv: list[str]):
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     _init_cpu_distributed(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillArguments, TrainingArguments))
-    model_args, data_args, distill_args, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillArguments, AugmentArguments, TrainingArguments))
+    model_args, data_args, distill_args, augment_args, training_args = parser.parse_args_into_dataclasses(argv)
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
 
     # The data first: a bad line stops the run before the models load.
@@ -149,6 +159,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=eval_data,
         data_collator=(DistillCollator if distill_args.enabled else Collator)(model.processor),
         distill_args=distill_args,
+        augment_args=augment_args,
     )
     resume = training_args.resume_from_checkpoint
     if resume is None and os.path.isdir(training_args.output_dir):
