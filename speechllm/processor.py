@@ -72,14 +72,15 @@ class Processor:
 
     def __call__(self, audios: list[np.ndarray], prompts: list[str | None], responses: list[str] | None = None):
         """A left-padded batch: input_ids, attention_mask, audio_mask, labels, and per window mel, mel_frames and
-        audio_tokens."""
+        audio_tokens. An audio of None is a text-only example: its placeholder takes no positions."""
         windows, audio_tokens, rows = [], [], []
         for i, (audio, prompt) in enumerate(zip(audios, prompts)):
-            clip_windows = split_windows(audio)
+            clip_windows = split_windows(audio) if audio is not None else []
             windows += clip_windows
-            audio_tokens += [num_audio_tokens(len(window), self.kernel_size) for window in clip_windows]
+            clip_tokens = [num_audio_tokens(len(window), self.kernel_size) for window in clip_windows]
+            audio_tokens += clip_tokens
             before, after = self.prompt_ids(prompt or self.prompt)
-            n_audio = sum(audio_tokens[-len(clip_windows) :])
+            n_audio = sum(clip_tokens)
             ids = before + [self.pad_token_id] * n_audio + after
             is_audio = [False] * len(before) + [True] * n_audio + [False] * len(after)
             labels = [IGNORE_INDEX] * len(ids)
@@ -89,14 +90,17 @@ class Processor:
             rows.append((ids, is_audio, labels))
 
         length = max(len(ids) for ids, _, _ in rows)
-        mel, mel_frames = log_mel_batch(windows, self.n_mels, self.pad_frames_to)
+        if windows:
+            mel, mel_frames = log_mel_batch(windows, self.n_mels, self.pad_frames_to)
+        else:  # a batch without audio: no windows, which the encoder and projector pass through
+            mel, mel_frames = torch.zeros(0, self.n_mels, ENCODER_STRIDE * self.kernel_size), torch.zeros(0).long()
         batch = {
             "input_ids": torch.tensor([[self.pad_token_id] * (length - len(r[0])) + r[0] for r in rows]),
             "attention_mask": torch.tensor([[0] * (length - len(r[0])) + [1] * len(r[0]) for r in rows]),
             "audio_mask": torch.tensor([[False] * (length - len(r[1])) + r[1] for r in rows]),
             "mel": mel,
             "mel_frames": mel_frames,
-            "audio_tokens": torch.tensor(audio_tokens),
+            "audio_tokens": torch.tensor(audio_tokens, dtype=torch.long),
         }
         if responses is not None:
             batch["labels"] = torch.tensor([[IGNORE_INDEX] * (length - len(r[2])) + r[2] for r in rows])
