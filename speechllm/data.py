@@ -1,5 +1,5 @@
-"""jsonl datasets: one {"wav", "txt", "key"?, "prompt"?, "transcript"?} object a line; every error names the file and
-line."""
+"""jsonl datasets: one {"wav", "txt", "key"?, "prompt"?, "transcript"?, "nbest"?} object a line; every error names
+the file and line."""
 
 import json
 import os
@@ -24,6 +24,7 @@ class Example:
     transcript: str | None  # what is said in the audio, when txt is something else (distillation's teacher reads it)
     duration: float | None  # seconds, when the jsonl says
     where: str  # "file:line", for error messages
+    nbest: list[str] | None = None  # cached Whisper hypotheses, best first, for error correction (nbest.py)
 
 
 def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = False) -> list[Example]:
@@ -52,7 +53,10 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
             if key in keys:
                 raise DataError(f"{where}: key {key!r} already used on line {keys[key]}")
             keys[key] = number
-            optional = {name: item.get(name) for name in ("txt", "prompt", "transcript", "duration")}
+            nbest = item.get("nbest")
+            if nbest is not None and not (isinstance(nbest, list) and nbest and all(isinstance(h, str) for h in nbest)):
+                raise DataError(f"{where}: 'nbest' must be a non-empty list of strings")
+            optional = {name: item.get(name) for name in ("txt", "prompt", "transcript", "duration", "nbest")}
             examples.append(Example(key, wav, **optional, where=where))
     if not examples:
         raise DataError(f"{path}: no examples")
@@ -76,7 +80,13 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         example = self.examples[index]
         audio = load_example_audio(example)
-        return {"audio": audio, "prompt": example.prompt, "txt": example.txt, "transcript": example.transcript}
+        return {
+            "audio": audio,
+            "prompt": example.prompt,
+            "txt": example.txt,
+            "transcript": example.transcript,
+            "nbest": example.nbest,
+        }
 
     @property
     def lengths(self) -> list[int]:
