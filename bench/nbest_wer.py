@@ -1,0 +1,69 @@
+"""Whisper's n-best as the library decodes it for error correction: time per clip, 1-best and oracle WER.
+
+python bench/nbest_wer.py --whisper PATH_OR_NAME ../shared/data/dev/data.jsonl --limit 50 [--nbest 5]
+
+The oracle picks, for each clip, the hypothesis with the fewest word errors: the floor any corrector choosing among
+the n-best reaches. --audio_mode dynamic decodes from features of the clip's own length instead of 30 s windows
+(one clip at a time, as the decoder has no key mask), to measure whether Whisper's decoder can read them.
+"""
+
+import argparse
+import time
+
+import torch
+from whisper.normalizers import EnglishTextNormalizer
+
+from speechllm.audio import ENCODER_STRIDE, log_mel_batch
+from speechllm.data import load_example_audio, read_jsonl
+from speechllm.encoder import load_whisper_encoder
+from speechllm.metrics import error_rate, format_error_rate
+from speechllm.nbest import decode_nbest, load_whisper_decoder
+
+
+def word_errors(reference: str, hypothesis: str) -> int:
+    result = error_rate([reference], [hypothesis])
+    return result["substitutions"] + result["deletions"] + result["insertions"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="jsonl with references")
+    parser.add_argument("--whisper", required=True, help="any format speechllm loads")
+    parser.add_argument("--nbest", type=int, default=5, help="beam size and most hypotheses kept")
+    parser.add_argument("--limit", type=int, default=50, help="this many clips, evenly spaced over the file")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--audio_mode", default="window", choices=["window", "dynamic"])
+    args = parser.parse_args()
+
+    encoder, decoder = load_whisper_encoder(args.whisper), load_whisper_decoder(args.whisper)
+    examples = [e for e in read_jsonl(args.data) if e.txt.strip()]
+    examples = examples[:: max(1, len(examples) // args.limit)][: args.limit]  # spread over the whole set
+    audios = [load_example_audio(e) for e in examples]
+    start, nbest = time.process_time(), []
+    for i in range(0, len(audios), args.batch_size):
+        batch = audios[i : i + args.batch_size]
+        if args.audio_mode == "window":
+            nbest += decode_nbest(encoder, decoder, args.nbest, batch)[0]
+        else:
+            for audio in batch:
+                mel, frames = log_mel_batch([audio], encoder.dims.n_mels, ENCODER_STRIDE)
+                with torch.no_grad():
+                    nbest += decoder(encoder(mel, frames), args.nbest)
+    cpu = time.process_time() - start
+    seconds = sum(len(a) for a in audios) / 16000
+    references = [e.txt for e in examples]
+    oracle = [min(h, key=lambda text: word_errors(r, text)) for r, h in zip(references, nbest)]
+    print(
+        f"{args.data}: {len(examples)} clips, {seconds:.0f} s of audio, {args.audio_mode} features, beam {args.nbest}"
+    )
+    print(f"CPU time {cpu:.1f} s: {cpu / len(examples):.2f} s a clip, {seconds / cpu:.1f}x real time")
+    print(f"distinct hypotheses a clip: {sum(map(len, nbest)) / len(nbest):.2f} (fewest {min(map(len, nbest))})")
+    normalize = EnglishTextNormalizer()
+    distinct = sum(len({normalize(text) for text in hypotheses}) for hypotheses in nbest) / len(nbest)
+    print(f"distinct after Whisper's normaliser: {distinct:.2f}")
+    print(f"1-best: {format_error_rate(error_rate(references, [h[0] for h in nbest]))}")
+    print(f"oracle: {format_error_rate(error_rate(references, oracle))}")
+
+
+if __name__ == "__main__":
+    main()
