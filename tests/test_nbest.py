@@ -20,6 +20,7 @@ from speechllm.nbest import (
     add_missing_nbest,
     decode_nbest,
     error_correction_batch,
+    error_correction_collator,
     load_whisper_decoder,
 )
 from speechllm.packaged_models import whisper_tiny_en
@@ -88,6 +89,25 @@ def test_without_audio_the_prompt_has_no_audio_positions(make_model, cached_json
     nbest = [[f"{h} {i}" for h in HYPOTHESES] for i in range(2)]
     clips = [item["audio"] for item in items(cached_jsonl)[:2]]
     assert len(text_only.transcribe_batch(clips, nbest=nbest, max_new_tokens=3)) == 2
+
+
+def test_text_only_error_correction_trains_lora(make_model, cached_jsonl, tmp_path):
+    """--ger_audio false with LoRA: the LoRA weights learn from the n-best text, a round trip keeps them; without a
+    trainable LLM there is nothing to train, and training says so."""
+    with pytest.raises(ValueError, match="nothing to train"):
+        error_correction_collator(make_model(nbest=3, ger_audio=False), [], "cpu")
+    model = make_model(nbest=3, ger_audio=False, lora_rank=2, lora_target_modules="q_proj,v_proj")
+    batch = error_correction_collator(model, [SpeechDataset(cached_jsonl)], "cpu")(items(cached_jsonl))
+    model(**batch).loss.backward()
+    trained = model.trained_parameters()
+    lora_b = [p for n, p in trained.items() if "lora_B" in n]  # lora_A's gradient is 0 while lora_B is at its init 0
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+    assert all(p.grad is None or not p.grad.any() for p in model.projector.parameters())  # it reads no audio
+    model.save_pretrained(tmp_path)
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert (loaded.config.nbest, loaded.config.ger_audio, loaded.config.lora_rank) == (3, False, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
 def test_error_correction_settings_round_trip(make_model, tiny, tmp_path):
