@@ -29,8 +29,9 @@ def evaluate(model, examples, audios, batch_size, num_beams, **options) -> dict:
     for first in range(0, len(order), batch_size):
         chunk = order[first : first + batch_size]
         decoded = model.decode_batch(
-            [audios[i] for i in chunk], [examples[i].prompt for i in chunk], num_beams, **options
-        )
+            [audios[i] for i in chunk], [examples[i].prompt for i in chunk], num_beams,
+            nbest=[examples[i].nbest for i in chunk], **options,
+        )  # fmt: skip
         hypotheses.update(zip(chunk, decoded))
     seconds = time.perf_counter() - start
     hypotheses = [hypotheses[i] for i in range(len(examples))]
