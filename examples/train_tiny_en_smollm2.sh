@@ -37,5 +37,5 @@ python train.py "${COMMON[@]}" \
     --whisper_model_name_or_path "$WHISPER" --llm_model_name_or_path "$LLM" \
     --lora_rank 16 --lora_alpha 32 --lora_dropout 0.05 --lora_target_modules all-linear \
     --output_dir "$OUT/stage2" \
-    --learning_rate 3e-4 --lr_scheduler_type cosine --warmup_steps 50 --max_steps 1600 \
+    --learning_rate 3e-4 --lr_scheduler_type cosine --warmup_steps 50 --max_steps 1200 \
     "$@"
