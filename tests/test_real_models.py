@@ -14,7 +14,7 @@ SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: thes
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # The shipped projector reads the audio but loops on these clips (README: 202.7%, mostly insertions): this
 # guards the pipeline and that figure, and must come down as the projector is trained further.
-SHIPPED_PROJECTOR_MAX_WER = 2.2
+SHIPPED_PROJECTOR_MAX_WER = 0.45  # measured 37.84% (beam 4): a regression guard, not a target
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,9 @@ def test_the_offline_demo_transcribes_the_example_speech(tmp_path, monkeypatch, 
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     demo.main()
-    keys = [line.split("\t")[0] for line in (tmp_path / "hypotheses.txt").read_text().splitlines()]
-    assert keys == [e.key for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))]
+    rows = [line.split("\t") for line in (tmp_path / "hypotheses.txt").read_text().splitlines()]
+    assert [row[0] for row in rows] == [e.key for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))]
+    assert all(len(row) == 2 and len(row[1].split()) >= 3 for row in rows), rows  # no empty or cut answers
     wer = float((tmp_path / "hypotheses.txt.wer").read_text().split()[1].rstrip("%")) / 100
     assert wer < SHIPPED_PROJECTOR_MAX_WER
     assert "WER" in capsys.readouterr().out
