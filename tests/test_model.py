@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from tiny_models import make_whisper
+from tiny_models import make_tokenizer, make_whisper
+from transformers import GenerationConfig
 
 from speechllm import SpeechLLM
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.data import Collator, SpeechDataset
 from speechllm.encoder import load_whisper_encoder
-from speechllm.model import load_llm
+from speechllm.model import load_llm, stop_token_ids
 
 
 def tones(dataset):
@@ -133,3 +134,24 @@ def test_answers_to_other_prompts_get_their_own_token_budget(make_model, monkeyp
     model.transcribe_batch([ten_seconds], [other])  # but never less than the audio's own budget
     model.transcribe_batch([second], [other], max_new_tokens=5)  # and an explicit budget wins
     assert budgets == [24, 24, 40, 40, 96, 5]
+
+
+@pytest.mark.parametrize("name, value", [("dtype", torch.bfloat16), ("torch_dtype", "bfloat16"), ("dtype", "auto")])
+def test_from_pretrained_takes_transformers_dtype_names(make_model, tmp_path, name, value):
+    make_model().save_pretrained(tmp_path)  # saved as float32
+    loaded = SpeechLLM.from_pretrained(tmp_path, **{name: value})
+    expected = torch.float32 if value == "auto" else torch.bfloat16  # auto: the saved one
+    assert loaded.config.model_dtype == str(expected).removeprefix("torch.")
+    assert loaded.llm.dtype == loaded.encoder.conv1.weight.dtype == expected
+    with pytest.raises(ValueError, match="contradicts model_dtype='float16'"):
+        SpeechLLM.from_pretrained(tmp_path, dtype=torch.bfloat16, model_dtype="float16")
+
+
+def test_stop_tokens_leave_out_a_missing_eos():
+    tokenizer = make_tokenizer("qwen2")
+    im_end, im_start = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=None)) == [im_end, im_start]
+    tokenizer.eos_token = None
+    assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=[5, im_end])) == [5, im_end, im_start]
+    with pytest.raises(ValueError, match="no end-of-turn"):  # a turn's opening is no end for the labels
+        stop_token_ids(tokenizer, GenerationConfig(eos_token_id=None))
