@@ -492,7 +492,6 @@ def test_torchrun_ddp_is_one_data_parallel_job(tiny, data, one_process, tmp_path
 @pytest.fixture(scope="module")
 def zero3(tiny, data, tmp_path_factory):
     """2 epochs under ZeRO-3 (checkpoints at steps 2 and 4); returns the runs and a copy of the output dir as it was."""
-    pytest.importorskip("deepspeed")
     output_dir = tmp_path_factory.mktemp("zero3")
     args = train_args(
         tiny,
@@ -568,7 +567,6 @@ def test_zero3_resumes_from_its_checkpoint(zero3, one_process):
 
 
 def test_zero3_bf16(tiny, data, tmp_path):
-    pytest.importorskip("deepspeed")
     six = str(Path(data).with_name("data6.jsonl"))
     args = train_args(
         tiny, six, tmp_path, "--num_train_epochs", "1", "--save_steps", "1", "--bf16", "--deepspeed", str(DS_CONFIG)
@@ -638,7 +636,6 @@ def test_distillation_with_gradient_checkpointing_takes_the_same_steps(tiny, dis
 
 
 def test_zero3_distillation_is_one_data_parallel_job(tiny, distill_data, distilled, tmp_path):
-    pytest.importorskip("deepspeed")
     args = train_args(tiny, distill_data, tmp_path, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
     runs, rank_weights = torchrun(args + ["--save_steps", "2", "--deepspeed", str(DS_CONFIG)], tmp_path, deepspeed=True)
     assert_one_data_parallel_job(runs, rank_weights, tmp_path, list(range(1, 2 * STEPS_PER_EPOCH + 1)))
@@ -651,7 +648,6 @@ def test_zero3_distillation_is_one_data_parallel_job(tiny, distill_data, distill
 def test_zero3_distillation_with_lora_takes_the_one_process_steps(tiny, distill_data, tmp_path):
     """With LoRA the teacher is the LLM with its adapters off, switched off and on again inside every step: under
     ZeRO-3 the LoRA weights still train, and as one process trains them."""
-    pytest.importorskip("deepspeed")
     lora = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--lora_target_modules", "q_proj,v_proj"]
     common = [*SEQUENTIAL_SGD, *DISTILL, *lora, "--num_train_epochs", "1", "--save_steps", "2"]
     one_args = train_args(tiny, distill_data, tmp_path / "one", *common)
