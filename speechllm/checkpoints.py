@@ -27,12 +27,16 @@ def checkpoints(output_dir: str) -> list[str]:
 
 
 def is_complete(checkpoint: str) -> bool:
+    return _state_reads_back(checkpoint) and os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME))
+
+
+def _state_reads_back(checkpoint: str) -> bool:
     try:
         with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as file:
             json.load(file)
     except (OSError, ValueError):  # missing, or cut short
         return False
-    return os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME))
+    return True
 
 
 def checkpoint_to_resume(
@@ -40,9 +44,9 @@ def checkpoint_to_resume(
 ) -> str | None:
     """The checkpoint asked for, else the newest complete one in output_dir, else None (start from step 0).
 
-    The main process deletes incomplete checkpoints (they would count against save_total_limit, and a later save
-    could rotate out the last complete one in their favour), and with overwrite_output_dir every checkpoint, so that
-    a later resume cannot pick up the old run's.
+    The main process deletes the checkpoints whose save was cut short (no trainer_state.json to read: they would
+    count against save_total_limit), and with overwrite_output_dir every checkpoint, so that a later resume cannot
+    pick up the old run's.
     """
     if resume_from_checkpoint:
         if overwrite_output_dir:
@@ -59,6 +63,6 @@ def checkpoint_to_resume(
     complete = [checkpoint for checkpoint in found if is_complete(checkpoint)]
     if is_main_process:
         for checkpoint in found:
-            if overwrite_output_dir or checkpoint not in complete:
+            if overwrite_output_dir or not _state_reads_back(checkpoint):
                 shutil.rmtree(checkpoint)
     return complete[-1] if complete and not overwrite_output_dir else None
