@@ -14,5 +14,8 @@ def run_command_line(main, argv: list[str] | None = None):
     try:
         return main(argv)
     except InputError as error:
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        message = str(error).strip()
+        if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker, the worker's traceback in front
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
