@@ -489,6 +489,22 @@ def test_torchrun_ddp_is_one_data_parallel_job(tiny, data, one_process, tmp_path
     assert_same(rank_weights[0], weights(Path(one_process.args.output_dir) / "checkpoint-4"), atol=1e-4)
 
 
+def test_torchrun_group_by_length_resumed_mid_epoch_is_exact(tiny, data, tmp_path):
+    """Stopped one step into epoch 1 and resumed: each rank skips its first batch of that epoch and must still draw
+    epoch 1's order (accelerate's set_epoch does not reach the sampler through both its shard and its skip)."""
+    grouped_sgd = [*SEQUENTIAL_SGD[2:], "--train_sampling_strategy", "group_by_length", "--save_steps", "1"]
+    steps = 3 * STEPS_PER_EPOCH
+    reference = train_args(tiny, data, tmp_path / "one", *grouped_sgd, "--max_steps", str(steps))
+    reference[reference.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)  # the same global batches
+    train(reference)
+    args = train_args(tiny, data, tmp_path / "two", *grouped_sgd, "--max_steps", str(STEPS_PER_EPOCH + 1))
+    torchrun(args, tmp_path / "two")
+    args[args.index("--max_steps") + 1] = str(steps)  # the constant learning rate does not depend on it
+    runs, rank_weights = torchrun(args, tmp_path / "two")
+    assert [run["steps"] for run in runs] == [list(range(STEPS_PER_EPOCH + 2, steps + 1))] * NPROC
+    assert_same(rank_weights[0], weights(tmp_path / "one"), atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def zero3(tiny, data, tmp_path_factory):
     """2 epochs under ZeRO-3 (checkpoints at steps 2 and 4); returns the runs and a copy of the output dir as it was."""
