@@ -1,6 +1,7 @@
 """Audio in: decode any file to 16 kHz mono, cut it into Whisper windows, and turn a batch into log-mel features."""
 
 import math
+import os
 import subprocess
 
 import numpy as np
@@ -9,25 +10,44 @@ import soxr
 import torch
 import whisper
 
+from .errors import InputError
+
 SAMPLE_RATE = whisper.audio.SAMPLE_RATE  # 16 kHz, what every Whisper expects
 HOP_LENGTH = whisper.audio.HOP_LENGTH  # samples per mel frame
 WINDOW_SAMPLES = whisper.audio.N_SAMPLES  # Whisper's 30 s receptive window
+WINDOW_FRAMES = whisper.audio.N_FRAMES  # its mel frames: as many as the encoder has positions, times its stride
+MIN_STFT_SAMPLES = whisper.audio.N_FFT // 2 + 1  # the STFT reflect-pads N_FFT / 2 a side, which needs more samples
 ENCODER_STRIDE = 2  # Whisper's second conv halves the frame rate
 
 
-class AudioError(ValueError):
-    """An audio file that cannot be read."""
+class AudioError(InputError):
+    """An audio file that cannot be read, named in the message."""
 
 
 def load_audio(path: str) -> np.ndarray:
     """Decode a file to float32 mono at 16 kHz: soundfile for wav/flac/ogg/opus/mp3, ffmpeg for anything else."""
+    _check_exists(path)
     try:
         audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
         audio = audio.mean(axis=1)
-    except FileNotFoundError:
-        raise AudioError(f"{path}: no such audio file") from None
-    except soundfile.LibsndfileError as error:
-        audio, sample_rate = _ffmpeg_decode(path, error), SAMPLE_RATE
+    except soundfile.SoundFileError as error:
+        command = [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            path,
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-ar",
+            str(SAMPLE_RATE),
+            "-",
+        ]
+        output = _ffmpeg(path, error, command)
+        audio, sample_rate = np.frombuffer(output, np.int16).astype(np.float32) / 32768.0, SAMPLE_RATE
     if audio.size == 0:
         raise AudioError(f"{path}: the file holds no audio")
     if sample_rate != SAMPLE_RATE:
@@ -35,15 +55,35 @@ def load_audio(path: str) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def _ffmpeg_decode(path: str, soundfile_error: Exception) -> np.ndarray:
-    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"]
+def audio_duration(path: str) -> float:
+    """Seconds of audio in a file, from its header (soundfile, else ffprobe), without decoding it."""
+    _check_exists(path)
     try:
-        output = subprocess.run(command, capture_output=True, check=True).stdout
+        info = soundfile.info(path)
+        return info.frames / info.samplerate if info.samplerate else 0.0
+    except soundfile.SoundFileError as error:
+        command = ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", path]
+        output = _ffmpeg(path, error, command)
+    try:
+        return float(output)
+    except ValueError:
+        raise AudioError(f"{path}: ffprobe gives no duration ({output.decode(errors='replace').strip()!r})") from None
+
+
+def _check_exists(path: str):
+    # Checked first: soundfile reports a missing file like an unknown format, which would send it on to ffmpeg.
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such audio file")
+
+
+def _ffmpeg(path: str, soundfile_error: Exception, command: list[str]) -> bytes:
+    """What an ffmpeg command (ffmpeg or ffprobe) writes about a file soundfile cannot read."""
+    try:
+        return subprocess.run(command, capture_output=True, check=True).stdout
     except FileNotFoundError:
         raise AudioError(f"{path}: cannot decode ({soundfile_error}); install ffmpeg for this format") from None
     except subprocess.CalledProcessError as error:
         raise AudioError(f"{path}: cannot decode: {error.stderr.decode(errors='replace').strip()}") from None
-    return np.frombuffer(output, np.int16).astype(np.float32) / 32768.0
 
 
 def split_windows(audio: np.ndarray) -> list[np.ndarray]:
@@ -77,11 +117,14 @@ def log_mel_batch(windows: list[np.ndarray], n_mels: int, pad_frames_to: int | N
         mels = [
             whisper.log_mel_spectrogram(torch.from_numpy(w), n_mels, padding=WINDOW_SAMPLES - len(w)) for w in windows
         ]
-        mel = torch.stack([m[:, : num_frames(WINDOW_SAMPLES)] for m in mels])
+        mel = torch.stack([m[:, :WINDOW_FRAMES] for m in mels])
         return mel, torch.full((len(windows),), mel.shape[-1])
     frames = [num_frames(len(window)) for window in windows]
-    mel = torch.zeros(len(windows), n_mels, math.ceil(max(frames) / pad_frames_to) * pad_frames_to)
+    # Never past a full window: the encoder has no positions beyond it (a kernel that does not divide them gets a
+    # part group, which the projector pads itself).
+    padded_frames = min(math.ceil(max(frames) / pad_frames_to) * pad_frames_to, WINDOW_FRAMES)
+    mel = torch.zeros(len(windows), n_mels, padded_frames)
     for i, (window, n) in enumerate(zip(windows, frames)):
-        padding = n * HOP_LENGTH - len(window) if len(window) < HOP_LENGTH else 0  # a click still makes a frame
+        padding = max(0, MIN_STFT_SAMPLES - len(window))  # zeros after a very short window: it still makes its frame
         mel[i, :, :n] = whisper.log_mel_spectrogram(torch.from_numpy(window), n_mels, padding=padding)[:, :n]
     return mel, torch.tensor(frames)

@@ -1,17 +1,20 @@
 """jsonl datasets: one {"wav", "txt", "key"?, "prompt"?, "transcript"?, "nbest"?} object a line; every error names
 the file and line."""
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
-import soundfile
 import torch
 
-from .audio import AudioError, load_audio
+from .audio import audio_duration, load_audio
+from .errors import InputError
+from .processor import check_prompt
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A jsonl line that cannot be used, named by file and line."""
 
 
@@ -31,6 +34,8 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
     """Parse and check every line up front, so a bad line fails before hours of work, not during them."""
     folder = os.path.dirname(os.path.abspath(path))
     examples, keys = [], {}
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
@@ -53,7 +58,15 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
             if key in keys:
                 raise DataError(f"{where}: key {key!r} already used on line {keys[key]}")
             keys[key] = number
-            nbest = item.get("nbest")
+            prompt, duration, nbest = item.get("prompt"), item.get("duration"), item.get("nbest")
+            if prompt is not None:
+                if not isinstance(prompt, str):
+                    raise DataError(f"{where}: 'prompt' must be a string")
+                with _naming(where):
+                    check_prompt(prompt)
+            seconds = isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration >= 0
+            if duration is not None and not seconds:
+                raise DataError(f"{where}: 'duration' must be a number of seconds, not {duration!r}")
             if nbest is not None and not (isinstance(nbest, list) and nbest and all(isinstance(h, str) for h in nbest)):
                 raise DataError(f"{where}: 'nbest' must be a non-empty list of strings")
             optional = {name: item.get(name) for name in ("txt", "prompt", "transcript", "duration", "nbest")}
@@ -63,11 +76,18 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
     return examples
 
 
-def load_example_audio(example: Example):
+@contextlib.contextmanager
+def _naming(where: str):
+    """Errors about one line's content get the line's file:line in front."""
     try:
+        yield
+    except InputError as error:
+        raise DataError(f"{where}: {error}") from None
+
+
+def load_example_audio(example: Example):
+    with _naming(example.where):
         return load_audio(example.wav)
-    except AudioError as error:
-        raise DataError(f"{example.where}: {error}") from None
 
 
 class SpeechDataset(torch.utils.data.Dataset):
@@ -88,15 +108,17 @@ class SpeechDataset(torch.utils.data.Dataset):
             "nbest": example.nbest,
         }
 
-    @property
+    @cached_property
     def lengths(self) -> list[int]:
         """Audio length in milliseconds, for length-grouped sampling, without decoding any audio."""
-        return [round(1000 * (e.duration if e.duration is not None else _duration(e.wav))) for e in self.examples]
+        return [round(1000 * _duration(e)) for e in self.examples]
 
 
-def _duration(path: str) -> float:
-    info = soundfile.info(path)
-    return info.frames / info.samplerate if info.samplerate else 0.0
+def _duration(example: Example) -> float:
+    if example.duration is not None:
+        return example.duration
+    with _naming(example.where):
+        return audio_duration(example.wav)
 
 
 class Collator:

@@ -6,6 +6,7 @@ import whisper
 from torch import nn
 
 from .audio import ENCODER_STRIDE
+from .errors import InputError
 from .whisper_formats import load_whisper_checkpoint
 
 
@@ -53,7 +54,10 @@ def self_attention(attention: whisper.model.MultiHeadAttention, x: torch.Tensor,
 
 def load_whisper_encoder(name_or_path: str, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
     """Whisper's encoder from any checkpoint format; the decoder's weights are never kept."""
-    dims, state_dict = load_whisper_checkpoint(name_or_path)
+    try:
+        dims, state_dict = load_whisper_checkpoint(name_or_path)
+    except (OSError, ValueError) as error:  # not a format it reads, or a name it cannot download
+        raise InputError(f"cannot load the Whisper model {name_or_path!r}: {error}") from error
     encoder = WhisperEncoder(dims)
     prefix = "encoder."
     encoder_state = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}

@@ -15,6 +15,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .audio import SAMPLE_RATE, load_audio
 from .encoder import load_whisper_encoder
+from .errors import InputError
 from .lora import add_lora, is_lora_parameter
 from .nbest import DEFAULT_NBEST_PROMPT, decoder_for, error_correction_batch
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
@@ -81,9 +82,9 @@ def load_llm(name_or_path: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(directory, **gguf)
         llm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **gguf)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load the LLM {name_or_path!r}: {error}") from error
+        raise InputError(f"cannot load the LLM {name_or_path!r}: {error}") from error
     if tokenizer.chat_template is None:
-        raise ValueError(f"the LLM {name_or_path!r} has no chat template: use a chat (instruct) model")
+        raise InputError(f"the LLM {name_or_path!r} has no chat template: use a chat (instruct) model")
     return llm.requires_grad_(False).eval(), tokenizer
 
 
@@ -93,7 +94,10 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
     next one ("... the end. assistant Mary said") stops there instead of leaking the role into the text."""
     extra = generation_config.eos_token_id
     extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
-    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *extra, *turn_token_ids(tokenizer)] if i is not None))
+    ends = [i for i in [tokenizer.eos_token_id, *extra] if i is not None]
+    if not ends:
+        raise InputError("the LLM names no end-of-turn (eos) token, in its tokenizer nor in its generation config")
+    return list(dict.fromkeys([*ends, *turn_token_ids(tokenizer)]))
 
 
 def turn_token_ids(tokenizer) -> list[int]:
@@ -128,7 +132,7 @@ class SpeechLLM(PreTrainedModel):
         dims = {"encoder_dim": self.encoder.dims.n_audio_state, "hidden_size": self.llm.config.hidden_size}
         for name, size in dims.items():
             if getattr(config, name) not in (None, size):
-                raise ValueError(
+                raise InputError(
                     f"the checkpoint was trained with {name}={getattr(config, name)}, but the models loaded "
                     f"({config.whisper_model_name_or_path!r}, {config.llm_model_name_or_path!r}) have {size}"
                 )
@@ -296,6 +300,13 @@ class SpeechLLM(PreTrainedModel):
         """Rebuild encoder and LLM from the names in the saved config (or overrides, e.g. local paths; None keeps
         the saved value), then load the trained weights strictly."""
         config = SpeechLLMConfig.from_pretrained(path)
+        for alias in ("dtype", "torch_dtype"):  # transformers' names for model_dtype; "auto" keeps the saved one
+            value = overrides.pop(alias, None)
+            if value not in (None, "auto"):
+                dtype = str(value).removeprefix("torch.")
+                if overrides.get("model_dtype") not in (None, dtype):
+                    raise InputError(f"{alias}={value} contradicts model_dtype={overrides['model_dtype']!r}")
+                overrides["model_dtype"] = dtype
         for name, value in overrides.items():
             if not hasattr(config, name):
                 raise ValueError(f"{name!r} is not a SpeechLLMConfig field")

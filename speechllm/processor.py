@@ -10,20 +10,28 @@ import numpy as np
 import torch
 
 from .audio import ENCODER_STRIDE, log_mel_batch, num_audio_tokens, split_windows
+from .errors import InputError
 
 AUDIO_PLACEHOLDER = "<speech>"
 IGNORE_INDEX = -100  # positions the loss skips
+ANSWER_SLOT = "\x00answer\x00"  # rendered in place of an answer, to find where the template puts answers
+
+
+def check_prompt(prompt: str):
+    if prompt.count(AUDIO_PLACEHOLDER) != 1:
+        raise InputError(f"a prompt must contain {AUDIO_PLACEHOLDER!r} exactly once: {prompt!r}")
 
 
 class Processor:
     def __init__(self, tokenizer, stop_token_ids, *, prompt, system_prompt, n_mels, kernel_size, audio_mode):
         if audio_mode not in ("dynamic", "window"):
-            raise ValueError(f"audio_mode must be 'dynamic' or 'window', not {audio_mode!r}")
+            raise InputError(f"audio_mode must be 'dynamic' or 'window', not {audio_mode!r}")
         self.tokenizer = tokenizer
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         self.prompt, self.system_prompt = prompt, system_prompt
         self.n_mels, self.kernel_size, self.audio_mode = n_mels, kernel_size, audio_mode
+        check_prompt(prompt)
         self._prompt_cache = {}
 
     def _messages(self, prompt: str) -> list[dict]:
@@ -33,21 +41,29 @@ class Processor:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the chat template holds every special
 
-    def _rendered(self, prompt: str) -> tuple[str, tuple[list[int], list[int]]]:
-        """The chat up to the assistant's turn, as text and as token ids split at the placeholder; once a prompt."""
+    def _rendered(self, prompt: str) -> tuple[tuple[list[int], list[int]], tuple[str, str]]:
+        """Once a prompt: the chat up to the assistant's turn as token ids split at the placeholder, and the text the
+        template writes before and after an answer (one render for all answers, so a template that renders today's
+        date gives every sample the same chat, also across midnight)."""
         if prompt not in self._prompt_cache:
-            if prompt.count(AUDIO_PLACEHOLDER) != 1:
-                raise ValueError(f"a prompt must contain {AUDIO_PLACEHOLDER!r} exactly once: {prompt!r}")
-            chat = self.tokenizer.apply_chat_template(
-                self._messages(prompt), tokenize=False, add_generation_prompt=True
-            )
+            check_prompt(prompt)
+            messages = self._messages(prompt)
+            for _ in range(2):  # two renders could still straddle midnight: a second pair cannot
+                chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                answered = messages + [{"role": "assistant", "content": ANSWER_SLOT}]
+                full = self.tokenizer.apply_chat_template(answered, tokenize=False)
+                if full.startswith(chat) and full.count(ANSWER_SLOT) == 1:
+                    break
+            else:
+                raise InputError("the chat template does not render a reply as a continuation of the generation prompt")
             before, after = chat.split(AUDIO_PLACEHOLDER)
-            self._prompt_cache[prompt] = chat, (self._encode(before), self._encode(after))
+            answer_wrapping = tuple(full[len(chat) :].split(ANSWER_SLOT))
+            self._prompt_cache[prompt] = (self._encode(before), self._encode(after)), answer_wrapping
         return self._prompt_cache[prompt]
 
     def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids of the chat up to the assistant's turn, split at the audio placeholder."""
-        return self._rendered(prompt)[1]
+        return self._rendered(prompt)[0]
 
     def text_prompt_ids(self, prompt: str, text: str) -> list[int]:
         """Token ids of the same chat with the placeholder replaced by text, rendered and tokenised whole: what the
@@ -60,13 +76,8 @@ class Processor:
 
     def response_ids(self, prompt: str, response: str) -> list[int]:
         """The assistant's answer and its end-of-turn token, as the chat template writes them; nothing after."""
-        chat, _ = self._rendered(prompt)
-        full = self.tokenizer.apply_chat_template(
-            self._messages(prompt) + [{"role": "assistant", "content": response}], tokenize=False
-        )
-        if not full.startswith(chat):
-            raise ValueError("the chat template does not render a reply as a continuation of the generation prompt")
-        ids = self._encode(full[len(chat) :])
+        lead, tail = self._rendered(prompt)[1]
+        ids = self._encode(lead + response + tail)
         ends = [i for i, token in enumerate(ids) if token in self.stop_token_ids]
         return ids[: ends[0] + 1] if ends else ids + self.stop_token_ids[:1]
 

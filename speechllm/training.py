@@ -7,14 +7,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
 
 from .augment import AugmentArguments, spec_augment
+from .checkpoints import checkpoint_to_resume
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
+from .errors import InputError, run_command_line
 from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import error_correction_collator
 
@@ -67,6 +68,14 @@ class DataArguments:
     eval_data_path: str | None = field(default=None, metadata={"help": "jsonl for evaluation loss"})
 
 
+@dataclass
+class ResumeArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start afresh: delete output_dir's checkpoints instead of resuming from the newest one"},
+    )
+
+
 def build_model(model_args: ModelArguments) -> SpeechLLM:
     """A new model, or a saved one with the options given on top; LoRA options on a model saved without LoRA
     add fresh LoRA weights to it."""
@@ -94,6 +103,8 @@ class SpeechLLMTrainer(Trainer):
         self.augment = augment_args if augment_args and augment_args.spec_augment else None
         if self.is_deepspeed_enabled:  # DeepSpeed checkpoints hold no frozen weights (below): resume without them
             self.model.register_load_state_dict_post_hook(_frozen_weights_optional)
+        self._epoch_setter = _SetSamplerEpoch()
+        self.add_callback(self._epoch_setter)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
@@ -120,15 +131,60 @@ class SpeechLLMTrainer(Trainer):
             logs = logs | self.distillation.pop_means()
         super().log(logs, *args, **kwargs)
 
+    def _save_rng_state(self, output_dir: str):
+        super()._save_rng_state(output_dir)  # each process's last file of a checkpoint
+        # The main process writes trainer_state.json next, which marks the checkpoint complete (speechllm.checkpoints):
+        # only once every process has written its files.
+        self.accelerator.wait_for_everyone()
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         (model or self.model).load_trained(resume_from_checkpoint)
 
+    # The Trainer's group_by_length samplers read lengths from input_ids; ours are the clips' durations.
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset or self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length":
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+            self._epoch_setter.sampler = EpochLengthGroupedSampler(batch, dataset.lengths, self._data_seed)
+            return self._epoch_setter.sampler
         return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy == "group_by_length":
+            return EpochLengthGroupedSampler(self.args.eval_batch_size, eval_dataset.lengths, self._data_seed)
+        return super()._get_eval_sampler(eval_dataset)
+
+    @property
+    def _data_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """group_by_length with each epoch's order drawn from (seed, epoch) alone, like accelerate's seedable random
+    sampler: a resumed run draws the order the uninterrupted one drew (a draw from the global RNG would replay
+    epoch 0's)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class _SetSamplerEpoch(TrainerCallback):
+    """Tells the sampler which epoch begins: accelerate's set_epoch reaches it through a process shard or through the
+    batches a resumed epoch skips, but not through both (torchrun, resumed mid-epoch)."""
+
+    sampler = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.sampler is not None:
+            self.sampler.set_epoch(int(state.epoch or 0))  # a resumed run starts inside the epoch it stopped in
 
 
 def _frozen_weights_optional(model, incompatible_keys):
@@ -148,14 +204,32 @@ def _init_cpu_distributed(argv: list[str]):
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     _init_cpu_distributed(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillArguments, AugmentArguments, TrainingArguments))
-    model_args, data_args, distill_args, augment_args, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, ResumeArguments, DistillArguments, AugmentArguments, TrainingArguments)
+    )
+    try:
+        parsed = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:  # TrainingArguments check their options as they are built
+        raise InputError(str(error)) from error
+    model_args, data_args, resume_args, distill_args, augment_args, training_args = parsed
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
+    if training_args.eval_strategy != "no" and not data_args.eval_data_path:
+        raise InputError("--eval_strategy needs --eval_data_path")
 
-    # The data first: a bad line stops the run before the models load.
+    # Every line is checked before the models load, and the resume point found: an interrupted run picks up from
+    # its newest complete checkpoint.
     dataset = functools.partial(SpeechDataset, require_transcript=distill_args.enabled)
     train_data = dataset(data_args.data_path)
     eval_data = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
+    if training_args.train_sampling_strategy == "group_by_length":
+        for data in [d for d in (train_data, eval_data) if d is not None]:
+            data.lengths  # the audio headers, read now: one that cannot be read fails before the models load
+    resume = checkpoint_to_resume(
+        training_args.output_dir,
+        training_args.resume_from_checkpoint,
+        resume_args.overwrite_output_dir,
+        training_args.should_save,
+    )
     set_seed(training_args.seed)  # before the projector is initialised (the Trainer seeds only after that)
     model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
     if model.config.nbest and distill_args.enabled:
@@ -173,9 +247,11 @@ def main(argv: list[str] | None = None):
         distill_args=distill_args,
         augment_args=augment_args,
     )
-    resume = training_args.resume_from_checkpoint
-    if resume is None and os.path.isdir(training_args.output_dir):
-        resume = get_last_checkpoint(training_args.output_dir)  # pick up where an interrupted run stopped
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     return trainer
+
+
+def command_line():
+    """train.py and speechllm-train: errors in the user's input end with one line on stderr, no traceback."""
+    run_command_line(main)

@@ -25,11 +25,11 @@ def test_paths_keys_prompts_and_lengths(folder):
         folder,
         '{"wav": "a.wav", "txt": "one"}',
         "",
-        json.dumps({"wav": absolute, "txt": "two", "key": "k", "prompt": "p"}),
+        json.dumps({"wav": absolute, "txt": "two", "key": "k", "prompt": "Summarise: <speech>"}),
     )
     first, second = read_jsonl(path)
     assert (first.key, first.wav, first.prompt) == ("1", absolute, None)  # key defaults to the line number
-    assert (second.key, second.wav, second.prompt) == ("k", absolute, "p")
+    assert (second.key, second.wav, second.prompt) == ("k", absolute, "Summarise: <speech>")
     assert SpeechDataset(path).lengths == [1000, 1000]  # ms, from the file header when the jsonl gives no duration
 
 
@@ -42,12 +42,22 @@ def test_paths_keys_prompts_and_lengths(folder):
         ('{"wav": "a.wav"}', "missing string field 'txt'"),
         ('{"wav": "gone.wav", "txt": "x"}', "audio file not found: .*gone.wav"),
         ('{"wav": "a.wav", "txt": "x", "key": "1"}', "key '1' already used on line 1"),
+        ('{"wav": "a.wav", "txt": "x", "prompt": "no placeholder"}', "a prompt must contain '<speech>' exactly once"),
+        ('{"wav": "a.wav", "txt": "x", "prompt": "<speech> and <speech>"}', "a prompt must contain '<speech>' exactly"),
+        ('{"wav": "a.wav", "txt": "x", "prompt": 3}', "'prompt' must be a string"),
+        ('{"wav": "a.wav", "txt": "x", "duration": "long"}', "'duration' must be a number of seconds"),
+        ('{"wav": "a.wav", "txt": "x", "duration": -1}', "'duration' must be a number of seconds"),
     ],
 )
 def test_bad_lines_name_file_and_line(folder, line, message):
     path = write(folder, '{"wav": "a.wav", "txt": "fine", "key": "1"}', line)
     with pytest.raises(DataError, match=f"data.jsonl:2: {message}"):
         read_jsonl(path)
+
+
+def test_a_missing_jsonl_is_named(folder):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
+        read_jsonl(str(folder / "nope.jsonl"))
 
 
 def test_text_is_optional_for_recognition(folder):
@@ -61,6 +71,15 @@ def test_corrupt_audio_names_file_and_line(folder):
     assert dataset[0]["audio"].shape == (16000,)
     with pytest.raises(DataError, match=r"data.jsonl:2: .*bad.wav"):
         dataset[1]
+
+
+def test_unreadable_audio_lengths_name_file_and_line(folder, monkeypatch):
+    """Lengths for group_by_length come from the file headers; a format soundfile cannot read needs ffprobe."""
+    (folder / "b.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
+    dataset = SpeechDataset(write(folder, '{"wav": "a.wav", "txt": "ok"}', '{"wav": "b.m4a", "txt": "x"}'))
+    monkeypatch.setenv("PATH", str(folder))  # no ffmpeg, no ffprobe
+    with pytest.raises(DataError, match=r"data.jsonl:2: .*b\.m4a: cannot decode .*install ffmpeg"):
+        dataset.lengths
 
 
 def test_collator_pads_to_the_batch_not_a_fixed_length(make_model, tiny):

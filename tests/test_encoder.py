@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+import torch.nn.functional as F
 import whisper
 
 from speechllm.audio import SAMPLE_RATE, log_mel_batch
@@ -31,6 +32,19 @@ def test_a_clip_encodes_the_same_alone_and_in_a_padded_batch(tiny):
 
 def test_bf16_weights_still_normalise_in_fp32(tiny):
     encoder = load_whisper_encoder(tiny["whisper"], dtype=torch.bfloat16)
+    norms = [encoder.ln_post] + [norm for block in encoder.blocks for norm in (block.attn_ln, block.mlp_ln)]
+    # Like the residual stream, far from zero mean: there a bf16 layer norm misses the fp32 result in some elements.
+    x = (
+        torch.randn(4, 200, encoder.dims.n_audio_state, generator=torch.Generator().manual_seed(0)) * 3 + 100
+    ).bfloat16()
+    for norm in norms:
+        assert norm.weight.dtype == torch.bfloat16
+        weight, bias = norm.weight.float(), norm.bias.float()
+        fp32 = F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).bfloat16()
+        with torch.no_grad():
+            assert torch.equal(norm(x), fp32)  # computed in fp32, rounded to bf16 once
+        bf16 = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        assert not torch.equal(bf16, fp32)  # what a plain bf16 layer norm would give: the check can tell them apart
     mel = torch.randn(1, 80, 200)
     with torch.no_grad():
         out = encoder(mel, torch.tensor([200]))

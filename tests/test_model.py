@@ -2,13 +2,15 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from tiny_models import make_whisper
+import whisper
+from tiny_models import make_tokenizer, make_whisper
+from transformers import GenerationConfig
 
 from speechllm import SpeechLLM
-from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.audio import SAMPLE_RATE, load_audio, num_audio_tokens
 from speechllm.data import Collator, SpeechDataset
 from speechllm.encoder import load_whisper_encoder
-from speechllm.model import load_llm
+from speechllm.model import load_llm, stop_token_ids
 
 
 def tones(dataset):
@@ -95,14 +97,35 @@ def test_batched_greedy_equals_one_at_a_time(make_model, tiny):
     assert len(set(batched)) > 1  # distinct clips, distinct outputs: the comparison means something
 
 
-def test_beam_search_and_both_audio_modes(make_model, tiny):
+@pytest.mark.parametrize("mode", ["dynamic", "window"])
+def test_beam_search_batched_equals_one_at_a_time(make_model, tiny, mode):
+    model = make_model(audio_mode=mode)
+    torch.nn.init.normal_(model.projector.linear2.weight, std=0.5)  # audio that actually moves the output
     paths = [e.wav for e in SpeechDataset(tiny["jsonl"]).examples]
-    for mode in ("dynamic", "window"):
-        model = make_model(audio_mode=mode)
-        batch = model.processor([load_audio(p) for p in paths], [None] * len(paths))
-        assert batch["mel"].shape[-1] == (3000 if mode == "window" else 210)  # the longest tone is 2.1 s
-        texts = model.transcribe(paths, num_beams=3, max_new_tokens=5)
-        assert len(texts) == len(paths) and all(isinstance(t, str) for t in texts)
+    batched = model.transcribe(paths, num_beams=3, batch_size=4, max_new_tokens=8)
+    assert batched == [model.transcribe(path, num_beams=3, max_new_tokens=8) for path in paths]
+    assert len(set(batched)) > 1  # distinct clips, distinct outputs: the comparison means something
+    assert batched != model.transcribe(paths, batch_size=4, max_new_tokens=8)  # and beam search is not greedy
+
+
+def test_window_mode_is_whispers_own_30s_input(make_model, tiny):
+    """Each clip padded with silence to 30 s, through Whisper's own encoder, cropped to the clip's own tokens."""
+    model = make_model(audio_mode="window").eval()
+    dims = model.encoder.dims
+    whispers = whisper.model.AudioEncoder(
+        dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+    )
+    whispers.load_state_dict(model.encoder.state_dict())
+    audios = [load_audio(e.wav) for e in SpeechDataset(tiny["jsonl"]).examples[:2]]
+    batch = model.processor(audios, [None, None])
+    assert batch["mel"].shape[-1] == 3000
+    with torch.no_grad():
+        embeds = model.embed(*(batch[k] for k in ("input_ids", "audio_mask", "mel", "mel_frames", "audio_tokens")))
+        for row, audio in enumerate(audios):
+            mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), dims.n_mels)
+            tokens = num_audio_tokens(len(audio), model.config.projector_kernel_size)
+            expected = model.projector(whispers(mel[None]))[0, :tokens]
+            torch.testing.assert_close(embeds[row][batch["audio_mask"][row]], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_n_mels_comes_from_the_checkpoint_and_long_audio_is_kept(make_model):
@@ -133,3 +156,24 @@ def test_answers_to_other_prompts_get_their_own_token_budget(make_model, monkeyp
     model.transcribe_batch([ten_seconds], [other])  # but never less than the audio's own budget
     model.transcribe_batch([second], [other], max_new_tokens=5)  # and an explicit budget wins
     assert budgets == [24, 24, 40, 40, 96, 5]
+
+
+@pytest.mark.parametrize("name, value", [("dtype", torch.bfloat16), ("torch_dtype", "bfloat16"), ("dtype", "auto")])
+def test_from_pretrained_takes_transformers_dtype_names(make_model, tmp_path, name, value):
+    make_model().save_pretrained(tmp_path)  # saved as float32
+    loaded = SpeechLLM.from_pretrained(tmp_path, **{name: value})
+    expected = torch.float32 if value == "auto" else torch.bfloat16  # auto: the saved one
+    assert loaded.config.model_dtype == str(expected).removeprefix("torch.")
+    assert loaded.llm.dtype == loaded.encoder.conv1.weight.dtype == expected
+    with pytest.raises(ValueError, match="contradicts model_dtype='float16'"):
+        SpeechLLM.from_pretrained(tmp_path, dtype=torch.bfloat16, model_dtype="float16")
+
+
+def test_stop_tokens_leave_out_a_missing_eos():
+    tokenizer = make_tokenizer("qwen2")
+    im_end, im_start = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=None)) == [im_end, im_start]
+    tokenizer.eos_token = None
+    assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=[5, im_end])) == [5, im_end, im_start]
+    with pytest.raises(ValueError, match="no end-of-turn"):  # a turn's opening is no end for the labels
+        stop_token_ids(tokenizer, GenerationConfig(eos_token_id=None))

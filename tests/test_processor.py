@@ -1,5 +1,8 @@
+import datetime
+
 import numpy as np
 import pytest
+import torch
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.audio import SAMPLE_RATE, WINDOW_SAMPLES, num_audio_tokens
@@ -64,3 +67,66 @@ def test_prompt_without_placeholder_is_an_error(make_model):
     model = make_model()
     with pytest.raises(ValueError, match="exactly once"):
         model.processor([clip(1.0)], ["no audio here"])
+
+
+@pytest.mark.parametrize("kernel_size", [7, 8])
+def test_kernel_sizes_that_do_not_divide_the_window(make_model, kernel_size):
+    """Dynamic batches are padded to a multiple of both strides, never past Whisper's 1,500 positions."""
+    model = make_model(projector_kernel_size=kernel_size)
+    seconds = [30.0, 45.0, 2.0]
+    batch = model.processor([clip(s) for s in seconds], [None] * 3)
+    assert batch["mel"].shape[-1] == 3000
+    with torch.no_grad():
+        embeds = model.embed(*(batch[k] for k in ("input_ids", "audio_mask", "mel", "mel_frames", "audio_tokens")))
+    counts = [num_audio_tokens(int(s * SAMPLE_RATE), kernel_size) for s in seconds]
+    assert batch["audio_mask"].sum(1).tolist() == counts and embeds.shape[1] == batch["input_ids"].shape[1]
+    assert counts[0] == -(-1500 // kernel_size)  # a whole window's frames, the last group part-filled
+
+
+class Clock:
+    """datetime for the chat template's strftime_now: today, until midnight() moves it a day on."""
+
+    def __init__(self, midnight_after_calls=None):
+        self.day, self.calls, self.midnight_after_calls = (
+            datetime.datetime(2025, 12, 31, 23, 59),
+            0,
+            midnight_after_calls,
+        )
+
+    def now(self):
+        if self.calls == self.midnight_after_calls:
+            self.midnight()
+        self.calls += 1
+        return self.day
+
+    def midnight(self):
+        self.day += datetime.timedelta(days=1)
+
+
+DATED_LLAMA3 = (
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + strftime_now('%d %b %Y') + '<|eot_id|>' }}"
+)
+
+
+@pytest.mark.parametrize("midnight_after_calls", [None, 1])
+def test_a_chat_template_that_renders_the_date_survives_midnight(make_model, monkeypatch, midnight_after_calls):
+    """Llama-3.x templates write today's date into the system turn: a run crossing midnight must go on."""
+    clock = Clock(midnight_after_calls)  # 1: midnight falls between the two renders of the first prompt
+    monkeypatch.setattr("transformers.utils.chat_template_utils.datetime", clock)
+    model = make_model("llama")
+    processor = model.processor
+    processor.tokenizer.chat_template = DATED_LLAMA3 + processor.tokenizer.chat_template
+    first = processor([clip(1.0)], [None], ["hello world"])
+    clock.midnight()
+    second = processor([clip(1.0)], [None], ["hello world"])
+    for name in ("input_ids", "labels"):
+        assert torch.equal(first[name], second[name])  # one chat for the whole run
+    text = processor.tokenizer.decode(second["input_ids"][0])
+    assert f"Today Date: {(clock.day - datetime.timedelta(days=1)).strftime('%d %b %Y')}" in text
+    labels = second["labels"][0]
+    assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "hello world<|eot_id|>"
+
+
+def test_the_models_own_prompt_is_checked_when_it_is_built(make_model):
+    with pytest.raises(ValueError, match="exactly once"):
+        make_model(prompt="Transcribe this.")

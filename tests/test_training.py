@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from speechllm import SpeechLLM, training
 from speechllm.data import Collator, SpeechDataset
+from speechllm.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "dist_train.py"
@@ -235,6 +236,136 @@ def test_output_dir_reloads_to_the_trained_model(straight, data):
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
 
 
+# --- single process: group_by_length (the shipped recipe's sampling), interruptions, starting afresh ---------------
+
+GROUPED = ["--train_sampling_strategy", "group_by_length", "--max_steps", "8", "--save_steps", "2"]  # 2 epochs
+
+
+@pytest.fixture(scope="module")
+def grouped(tiny, data, tmp_path_factory):
+    """8 steps (2 epochs of 4) in one go, length-grouped, a checkpoint every 2."""
+    return train(train_args(tiny, data, tmp_path_factory.mktemp("grouped"), *GROUPED))
+
+
+def test_length_grouped_order_is_fixed_by_seed_and_epoch():
+    lengths = [1000 + 10 * (i % 7) for i in range(64)]
+    sampler = training.EpochLengthGroupedSampler(4, lengths, seed=0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(64)) and first != second  # a new order each epoch...
+    again = training.EpochLengthGroupedSampler(4, lengths, seed=0)
+    again.set_epoch(1)
+    assert list(again) == second  # ... and the same one in a new process, whatever its global RNG did
+    torch.manual_seed(123)
+    assert list(again) == second
+
+
+@pytest.mark.parametrize("stop", [4, 6])  # at the end of epoch 0; in the middle of epoch 1
+def test_group_by_length_resume_is_exact(tiny, data, grouped, tmp_path, stop):
+    args = train_args(tiny, data, tmp_path, *GROUPED)
+    train(args, [StopAt(stop)])
+    record = Record()
+    train(args, [record])
+    assert record.steps == list(range(stop + 1, 9))
+    assert_same(weights(tmp_path), weights(grouped.args.output_dir))
+
+
+@pytest.fixture(scope="module")
+def stopped_at_6(tiny, data, tmp_path_factory):
+    """Checkpoints 2, 4 and 6 of the grouped run: the folder a kill -9 during the save of checkpoint-6 leaves,
+    once that checkpoint is damaged as the kill would."""
+    output_dir = tmp_path_factory.mktemp("stopped_at_6") / "run"
+    train(train_args(tiny, data, output_dir, *GROUPED), [StopAt(6)])
+    return output_dir
+
+
+# What the Trainer writes into a checkpoint, in order (config.json and generation_config.json go with the weights).
+SAVE_ORDER = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"]
+
+
+def interrupt_save(checkpoint: Path, at: str, written: float):
+    """The checkpoint a kill -9 leaves while the Trainer writes file `at`: the files before it whole, this fraction of
+    it, none of the ones after it."""
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
+        SAVE_ORDER + ["config.json", "generation_config.json"]
+    )
+    unwritten = SAVE_ORDER[SAVE_ORDER.index(at) :]
+    (checkpoint / at).write_bytes((checkpoint / at).read_bytes()[: int(written * (checkpoint / at).stat().st_size)])
+    for name in unwritten[1:]:
+        (checkpoint / name).unlink()
+
+
+@pytest.mark.parametrize("at, written", [(name, 0.5) for name in SAVE_ORDER] + [("trainer_state.json", 0.0)])
+def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tiny, data, grouped, stopped_at_6, tmp_path, at, written):
+    output_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_6, output_dir)
+    interrupt_save(output_dir / "checkpoint-6", at, written)
+    record = Record()
+    train(train_args(tiny, data, output_dir, *GROUPED), [record])
+    assert record.steps == [5, 6, 7, 8], "did not resume from checkpoint-4, the newest complete one"
+    assert_same(weights(output_dir), weights(grouped.args.output_dir))
+    assert_same(weights(output_dir / "checkpoint-6"), weights(Path(grouped.args.output_dir) / "checkpoint-6"))
+    assert trainer_state(output_dir / "checkpoint-6")["global_step"] == 6  # written again, whole
+
+
+def test_an_incomplete_checkpoint_asked_for_is_a_clear_error(tiny, data, stopped_at_6, tmp_path):
+    checkpoint = tmp_path / "checkpoint-6"
+    shutil.copytree(stopped_at_6 / "checkpoint-6", checkpoint)
+    (checkpoint / "trainer_state.json").unlink()
+    args = train_args(tiny, data, tmp_path / "run", *GROUPED, "--resume_from_checkpoint", str(checkpoint))
+    with pytest.raises(InputError, match="checkpoint-6: not a complete checkpoint"):
+        training.main(args)
+
+
+def test_overwrite_output_dir_starts_afresh(tiny, data, grouped, stopped_at_6, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_6, output_dir)
+    record = Record()
+    train(train_args(tiny, data, output_dir, *GROUPED, "--overwrite_output_dir"), [StopAt(2), record])
+    assert record.steps == [1, 2]
+    assert [p.name for p in checkpoints(output_dir)] == ["checkpoint-2"]  # the old run's are gone: none to resume
+    assert_same(weights(output_dir), weights(Path(grouped.args.output_dir) / "checkpoint-2"))
+
+
+def test_evaluation_with_group_by_length(tiny, data, tmp_path):
+    eval_args = ["--eval_data_path", data, "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "no"]
+    trainer = train(train_args(tiny, data, tmp_path, *GROUPED[:2], "--max_steps", "2", *eval_args))
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), trainer.state.log_history
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+
+def test_errors_in_the_input_are_one_line_without_traceback(tiny, tmp_path):
+    bad = write_jsonl(str(tmp_path / "bad.jsonl"), [{"wav": "missing.wav", "txt": "x"}])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *train_args(tiny, bad, tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "Warning" not in line and "warn(" not in line]
+    assert lines == [f"train.py: error: {bad}:1: audio file not found: {tmp_path / 'missing.wav'}"], result.stderr
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--fp16", "--bf16"], "At most one of fp16 and bf16"),  # TrainingArguments' own check
+        (["--eval_strategy", "steps"], "--eval_strategy needs --eval_data_path"),
+        (["--resume_from_checkpoint", "x", "--overwrite_output_dir"], "contradict each other"),
+    ],
+)
+def test_contradicting_options_are_input_errors(tiny, data, tmp_path, options, message):
+    with pytest.raises(InputError, match=message):
+        training.main(train_args(tiny, data, tmp_path, *options))
+
+
 # --- single process: seed, gradient accumulation, gradient checkpointing ----------------------------------------------
 
 
@@ -358,10 +489,25 @@ def test_torchrun_ddp_is_one_data_parallel_job(tiny, data, one_process, tmp_path
     assert_same(rank_weights[0], weights(Path(one_process.args.output_dir) / "checkpoint-4"), atol=1e-4)
 
 
+def test_torchrun_group_by_length_resumed_mid_epoch_is_exact(tiny, data, tmp_path):
+    """Stopped one step into epoch 1 and resumed: each rank skips its first batch of that epoch and must still draw
+    epoch 1's order (accelerate's set_epoch does not reach the sampler through both its shard and its skip)."""
+    grouped_sgd = [*SEQUENTIAL_SGD[2:], "--train_sampling_strategy", "group_by_length", "--save_steps", "1"]
+    steps = 3 * STEPS_PER_EPOCH
+    reference = train_args(tiny, data, tmp_path / "one", *grouped_sgd, "--max_steps", str(steps))
+    reference[reference.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)  # the same global batches
+    train(reference)
+    args = train_args(tiny, data, tmp_path / "two", *grouped_sgd, "--max_steps", str(STEPS_PER_EPOCH + 1))
+    torchrun(args, tmp_path / "two")
+    args[args.index("--max_steps") + 1] = str(steps)  # the constant learning rate does not depend on it
+    runs, rank_weights = torchrun(args, tmp_path / "two")
+    assert [run["steps"] for run in runs] == [list(range(STEPS_PER_EPOCH + 2, steps + 1))] * NPROC
+    assert_same(rank_weights[0], weights(tmp_path / "one"), atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def zero3(tiny, data, tmp_path_factory):
     """2 epochs under ZeRO-3 (checkpoints at steps 2 and 4); returns the runs and a copy of the output dir as it was."""
-    pytest.importorskip("deepspeed")
     output_dir = tmp_path_factory.mktemp("zero3")
     args = train_args(
         tiny,
@@ -437,7 +583,6 @@ def test_zero3_resumes_from_its_checkpoint(zero3, one_process):
 
 
 def test_zero3_bf16(tiny, data, tmp_path):
-    pytest.importorskip("deepspeed")
     six = str(Path(data).with_name("data6.jsonl"))
     args = train_args(
         tiny, six, tmp_path, "--num_train_epochs", "1", "--save_steps", "1", "--bf16", "--deepspeed", str(DS_CONFIG)
@@ -507,7 +652,6 @@ def test_distillation_with_gradient_checkpointing_takes_the_same_steps(tiny, dis
 
 
 def test_zero3_distillation_is_one_data_parallel_job(tiny, distill_data, distilled, tmp_path):
-    pytest.importorskip("deepspeed")
     args = train_args(tiny, distill_data, tmp_path, *SEQUENTIAL_SGD, *DISTILL, "--num_train_epochs", "2")
     runs, rank_weights = torchrun(args + ["--save_steps", "2", "--deepspeed", str(DS_CONFIG)], tmp_path, deepspeed=True)
     assert_one_data_parallel_job(runs, rank_weights, tmp_path, list(range(1, 2 * STEPS_PER_EPOCH + 1)))
@@ -520,7 +664,6 @@ def test_zero3_distillation_is_one_data_parallel_job(tiny, distill_data, distill
 def test_zero3_distillation_with_lora_takes_the_one_process_steps(tiny, distill_data, tmp_path):
     """With LoRA the teacher is the LLM with its adapters off, switched off and on again inside every step: under
     ZeRO-3 the LoRA weights still train, and as one process trains them."""
-    pytest.importorskip("deepspeed")
     lora = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--lora_target_modules", "q_proj,v_proj"]
     common = [*SEQUENTIAL_SGD, *DISTILL, *lora, "--num_train_epochs", "1", "--save_steps", "2"]
     one_args = train_args(tiny, distill_data, tmp_path / "one", *common)

