@@ -50,7 +50,7 @@ def audio_files(folder: str) -> list[str]:
 
 
 def file_example(path: str) -> Example:
-    return Example(key=path, wav=path, txt=None, prompt=None, duration=None, where=path)
+    return Example(key=path, wav=path, txt=None, prompt=None, transcript=None, duration=None, where=path)
 
 
 def load_input_audio(example: Example) -> np.ndarray:

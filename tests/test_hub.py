@@ -5,22 +5,13 @@ import shutil
 import huggingface_hub
 import pytest
 import torch
+from tiny_models import HUB_COMMIT as COMMIT
+from tiny_models import build_hub_cache
 from transformers import AutoConfig, AutoModel, TrainingArguments
 
 from speechllm import SpeechLLM, SpeechLLMConfig
 from speechllm.data import Collator, SpeechDataset
 from speechllm.training import SpeechLLMTrainer
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def build_hub_cache(cache, repo_id, folder):
-    """huggingface_hub's cache layout for one repository at one commit, as a download leaves it."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    shutil.copytree(folder, repo / "snapshots" / COMMIT)
-    return cache
 
 
 @pytest.fixture
