@@ -135,3 +135,10 @@ def test_trainer_refuses_batch_splits_that_separate_windows_from_clips(saved, mo
             args=TrainingArguments(str(tmp_path / "b"), report_to="none"),
             data_collator=Collator(model.processor),
         )
+
+
+def test_trainer_push_to_hub_without_a_hub_stops_before_training(saved, offline_hub, tmp_path):
+    model, _ = saved
+    args = TrainingArguments(str(tmp_path / "run"), push_to_hub=True, hub_model_id="someone/run", report_to="none")
+    with pytest.raises(ConnectionError, match="offline mode is enabled"):
+        SpeechLLMTrainer(model=model, args=args, data_collator=Collator(model.processor))
