@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, TrainingArguments
 
 from speechllm import SpeechLLM, SpeechLLMConfig
 from speechllm.data import Collator, SpeechDataset
-from speechllm.training import SpeechLLMTrainer
+from speechllm.training import ModelArguments, SpeechLLMTrainer, build_model
 
 
 @pytest.fixture
@@ -142,3 +142,10 @@ def test_trainer_push_to_hub_without_a_hub_stops_before_training(saved, offline_
     args = TrainingArguments(str(tmp_path / "run"), push_to_hub=True, hub_model_id="someone/run", report_to="none")
     with pytest.raises(ConnectionError, match="offline mode is enabled"):
         SpeechLLMTrainer(model=model, args=args, data_collator=Collator(model.processor))
+
+
+def test_training_starts_from_a_weights_file_or_a_hub_id_too(saved, offline_hub):
+    model, folder = saved
+    assert_same_projector(build_model(ModelArguments(projector_model_path=str(folder / "model.safetensors"))), model)
+    build_hub_cache(offline_hub, "someone/start", folder)
+    assert_same_projector(build_model(ModelArguments(projector_model_path="someone/start")), model)
