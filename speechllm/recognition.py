@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.result_path:
         settings = {k: v for k, v in asdict(args).items() if k not in NOT_IN_SETTINGS}
         partial = PartialResults(args.result_path, state.process_index, settings)
+        keys = {e.key for e in examples}
         with user_errors(ResultsError, OSError):
-            done = {key: row for key, row in partial.done().items() if key in {e.key for e in examples}}
+            done = {key: row for key, row in partial.done().items() if key in keys}
         state.wait_for_everyone()  # every process has read the same saved results before any adds to them
         if done and state.is_main_process:
             print(f"{len(done)} of {len(examples)} clips done in {args.result_path}.part*: skipped", file=sys.stderr)
