@@ -4,7 +4,6 @@ so that a rerun skips what is done."""
 
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 from accelerate import PartialState
@@ -38,8 +37,8 @@ class RecognizeArguments:
         default=None,
         metadata={
             "choices": [None, *FORMATS],
-            "help": "txt: key<TAB>text; tsv: a header and key, text, duration, decoding_seconds; jsonl: an object a "
-            "clip. Unset: result_path's suffix, else txt (the text alone for one audio file on stdout)",
+            "help": "txt: key<TAB>text; tsv: a header and key, text, duration, decoding_seconds, finished; jsonl: an "
+            "object a clip. Unset: result_path's suffix, else txt (the text alone for one audio file on stdout)",
         },
     )
     whisper_model_name_or_path: str | None = field(default=None, metadata={"help": "override the saved one"})
@@ -67,22 +66,26 @@ def process_share(seconds: list[float], process_index: int, num_processes: int) 
 
 
 def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, prompt=None, on_batch=None):
-    """One result row ({key, text, duration, decoding_seconds}) an example, in their order; each process decodes its
-    share, and on_batch(rows) sees each batch's rows as soon as they are decoded."""
+    """One result row ({key, text, duration, decoding_seconds, finished}) an example, in their order; each process
+    decodes its share, and on_batch(rows) sees each batch's rows as soon as they are decoded."""
     state = PartialState()
     mine = process_share([input_seconds(e) for e in examples], state.process_index, state.num_processes)
     rows = []
     for start in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="recognize"):
         batch = [examples[i] for i in mine[start : start + batch_size]]
         audios = [load_input_audio(e) for e in batch]
-        started = time.perf_counter()
         prompts = [e.prompt or prompt for e in batch]
         nbest = [e.nbest for e in batch]  # cached error correction hypotheses, if any
-        texts = model.transcribe_batch(audios, prompts, num_beams, max_new_tokens, nbest=nbest)
-        seconds = (time.perf_counter() - started) / len(batch)  # a batch is decoded together: each clip its share
+        hypotheses = model.decode_batch(audios, prompts, num_beams, max_new_tokens, nbest=nbest)
         new = [
-            {"key": e.key, "text": t, "duration": len(a) / SAMPLE_RATE, "decoding_seconds": round(seconds, 3)}
-            for e, t, a in zip(batch, texts, audios)
+            {
+                "key": e.key,
+                "text": h.text,
+                "duration": len(a) / SAMPLE_RATE,
+                "decoding_seconds": round(h.decoding_seconds, 3),
+                "finished": h.finished,  # False: it ran to max_new_tokens, most often a loop
+            }
+            for e, h, a in zip(batch, hypotheses, audios)
         ]
         if on_batch:
             on_batch(new)

@@ -6,7 +6,7 @@ import json
 import os
 
 FORMATS = ("txt", "tsv", "jsonl")
-TSV_COLUMNS = ("key", "text", "duration", "decoding_seconds")
+TSV_COLUMNS = ("key", "text", "duration", "decoding_seconds", "finished")
 
 
 class ResultsError(ValueError):

@@ -92,19 +92,24 @@ def test_audio_files_and_folders_to_stdout(saved_model, tiny, tmp_path, capsys):
 def test_tsv_and_jsonl_results_carry_duration_and_decoding_time(saved_model, tiny, tmp_path):
     model, model_dir = saved_model
     examples = read_jsonl(tiny["jsonl"])
-    texts = [" ".join(t.split()) for t in model.transcribe([e.wav for e in examples], max_new_tokens=8)]
+    details = model.transcribe([e.wav for e in examples], max_new_tokens=8, return_details=True)
+    texts = [" ".join(d.text.split()) for d in details]
     durations = [len(load_audio(e.wav)) / SAMPLE_RATE for e in examples]
+    finished = [d.finished for d in details]
+    assert not all(finished)  # a hypothesis that ran to max_new_tokens is flagged as such
 
     recognize(model_dir, tiny["jsonl"], tmp_path / "hyp.tsv", *FAST)
     header, *rows = read_results(tmp_path / "hyp.tsv")
-    assert header == ["key", "text", "duration", "decoding_seconds"]
-    assert [(k, t, float(d)) for k, t, d, _ in rows] == list(zip([e.key for e in examples], texts, durations))
-    assert all(float(seconds) > 0 for *_, seconds in rows)
+    assert header == ["key", "text", "duration", "decoding_seconds", "finished"]
+    assert [(k, t, float(d), f == "True") for k, t, d, _, f in rows] == list(
+        zip([e.key for e in examples], texts, durations, finished)
+    )
+    assert all(float(seconds) > 0 for _, _, _, seconds, _ in rows)
 
     recognize(model_dir, tiny["jsonl"], tmp_path / "hyp.jsonl", *FAST)
     rows = [json.loads(line) for line in open(tmp_path / "hyp.jsonl")]
-    assert [(r["key"], r["wav"], r["text"], r["reference"], r["duration"]) for r in rows] == [
-        (e.key, e.wav, t, e.txt, d) for e, t, d in zip(examples, texts, durations)
+    assert [(r["key"], r["wav"], r["text"], r["reference"], r["duration"], r["finished"]) for r in rows] == [
+        (e.key, e.wav, t, e.txt, d, f) for e, t, d, f in zip(examples, texts, durations, finished)
     ]
     assert all(r["decoding_seconds"] > 0 for r in rows)
 
@@ -117,11 +122,11 @@ def test_results_are_kept_as_produced_and_a_rerun_decodes_only_the_rest(saved_mo
     data.write_text(open(tiny["jsonl"]).read() + json.dumps({"key": "late", "wav": bad_wav.name}) + "\n")
     result_path = tmp_path / "hyp.txt"
     decoded = []
-    transcribe_batch = SpeechLLM.transcribe_batch
+    decode_batch = SpeechLLM.decode_batch
     monkeypatch.setattr(
         SpeechLLM,
-        "transcribe_batch",
-        lambda self, audios, *a, **k: decoded.append(len(audios)) or transcribe_batch(self, audios, *a, **k),
+        "decode_batch",
+        lambda self, audios, *a, **k: decoded.append(len(audios)) or decode_batch(self, audios, *a, **k),
     )
 
     with pytest.raises(SystemExit) as exit_info:
