@@ -1,4 +1,5 @@
-"""Transcribe a jsonl with a trained SpeechLLM: python recognize.py --help (or torchrun --nproc_per_node=N ...)."""
+"""Transcribe audio files, folders or jsonl files with a trained SpeechLLM: python recognize.py --help
+(or torchrun --nproc_per_node=N recognize.py ...)."""
 
 from speechllm.recognition import main
 

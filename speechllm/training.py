@@ -16,7 +16,8 @@ from .checkpoints import checkpoint_to_resume
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
 from .errors import InputError, run_command_line
-from .model import SpeechLLM, SpeechLLMConfig
+from .hub import pretrained_folder
+from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
 from .nbest import error_correction_collator
 
 _DEFAULTS = SpeechLLMConfig()
@@ -48,7 +49,7 @@ class ModelArguments:
     )
     system_prompt: str | None = _option("default: the chat template's own")
     audio_mode: str | None = _option(f"default {_DEFAULTS.audio_mode}", choices=["dynamic", "window"])
-    model_dtype: str | None = _option(f"default {_DEFAULTS.model_dtype}", choices=["bfloat16", "float16", "float32"])
+    model_dtype: str | None = _option(f"default {_DEFAULTS.model_dtype}", choices=list(MODEL_DTYPES))
     lora_rank: int | None = _option("train LoRA of this rank inside the LLM (default 0: the LLM stays frozen)")
     lora_alpha: float | None = _option(f"default {_DEFAULTS.lora_alpha}")
     lora_dropout: float | None = _option(f"default {_DEFAULTS.lora_dropout}")
@@ -82,9 +83,10 @@ def build_model(model_args: ModelArguments) -> SpeechLLM:
     given = {k: v for k, v in asdict(model_args).items() if v is not None and k != "projector_model_path"}
     if not model_args.projector_model_path:
         return SpeechLLM(SpeechLLMConfig(**given))
-    saved = SpeechLLMConfig.from_pretrained(model_args.projector_model_path)
+    path, _ = pretrained_folder(model_args.projector_model_path, {})  # the folder, its model.safetensors or a hub id
+    saved = SpeechLLMConfig.from_pretrained(path)
     new_lora = {k: given.pop(k) for k in list(given) if k.startswith("lora_")} if not saved.lora_rank else {}
-    model = SpeechLLM.from_pretrained(model_args.projector_model_path, **given)
+    model = SpeechLLM.from_pretrained(path, **given)
     if new_lora.get("lora_rank"):
         model.add_lora(**new_lora)
     return model
@@ -101,6 +103,17 @@ class SpeechLLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
         self.augment = augment_args if augment_args and augment_args.spec_augment else None
+        # mel, mel_frames and audio_tokens have a row per 30 s window, not per clip: a split of the batch along its
+        # first dimension would hand a replica other clips' audio once a clip is longer than 30 s.
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                "several GPUs in one process (nn.DataParallel) would split audio windows from their "
+                "clips: launch one process a GPU, torchrun --nproc_per_node=N train.py ..."
+            )
+        if self.args.accelerator_config.split_batches:
+            raise ValueError(
+                "accelerator_config split_batches would split audio windows from their clips: leave it off"
+            )
         if self.is_deepspeed_enabled:  # DeepSpeed checkpoints hold no frozen weights (below): resume without them
             self.model.register_load_state_dict_post_hook(_frozen_weights_optional)
         self._epoch_setter = _SetSamplerEpoch()
@@ -109,6 +122,8 @@ class SpeechLLMTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
         self.model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
+        if self.args.push_to_hub and not _internal_call:  # what Trainer.save_model does after saving
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_optimizer_and_scheduler(self, output_dir: str):
         if not self.is_deepspeed_enabled:

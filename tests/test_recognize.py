@@ -1,16 +1,23 @@
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_hub_cache
 from whisper.normalizers import EnglishTextNormalizer
 
+from speechllm import SpeechLLM
+from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.data import read_jsonl
 from speechllm.recognition import main as recognize_main
+from speechllm.recognition import process_share
 
 REPO = Path(__file__).resolve().parents[1]
+FAST = ["--num_beams", "1", "--max_new_tokens", "8"]
 
 
 @pytest.fixture
@@ -30,6 +37,13 @@ def read_results(path):
     return [line.rstrip("\n").split("\t") for line in open(path)]
 
 
+def command_line(*args, env=None, cwd=REPO):
+    """recognize.py as a user runs it, in a process of its own."""
+    command = [sys.executable, str(REPO / "recognize.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_writes_keyed_hypotheses_in_input_order_and_wer(saved_model, tiny, tmp_path, capsys):
     model, model_dir = saved_model
     result_path = str(tmp_path / "out" / "hyp.txt")
@@ -44,6 +58,7 @@ def test_writes_keyed_hypotheses_in_input_order_and_wer(saved_model, tiny, tmp_p
     assert 0 < scores["wer"] and scores["reference_units"] == sum(len(normalize(t).split()) for t in tiny["texts"])
     printed = capsys.readouterr().out
     assert "WER" in printed and open(result_path + ".wer").read().strip() in printed
+    assert not list((tmp_path / "out").glob("hyp.txt.part*"))  # the saved-as-produced results are gone when done
 
 
 def test_beam_search_and_cer(saved_model, tiny, tmp_path):
@@ -55,15 +70,122 @@ def test_beam_search_and_cer(saved_model, tiny, tmp_path):
     assert "cer" in scores and len(read_results(result_path)) == len(tiny["texts"])
 
 
-def test_a_bad_line_fails_before_anything_is_overwritten(saved_model, tiny, tmp_path):
+def test_audio_files_and_folders_to_stdout(saved_model, tiny, tmp_path, capsys):
+    model, model_dir = saved_model
+    folder = tmp_path / "clips"
+    (folder / "more").mkdir(parents=True)
+    shutil.copy(tiny["root"] / "utt0.wav", folder / "b.wav")
+    shutil.copy(tiny["root"] / "utt1.wav", folder / "more" / "a.wav")
+    (folder / "notes.txt").write_text("not audio")
+    single = str(tiny["root"] / "utt2.wav")
+    recognize_main(["--projector_model_path", model_dir, single, str(folder), *FAST])
+    out = capsys.readouterr()
+    keys = [single, str(folder / "b.wav"), str(folder / "more" / "a.wav")]  # files as given, then the folder's, sorted
+    texts = model.transcribe(keys, max_new_tokens=8)
+    assert out.out.splitlines() == [f"{key}\t{' '.join(text.split())}" for key, text in zip(keys, texts)]
+    assert "recognize" in out.err  # the progress bar is on stderr, out of the pipe's way
+
+    recognize_main(["--projector_model_path", model_dir, single, *FAST])
+    assert capsys.readouterr().out == model.transcribe(single, max_new_tokens=8) + "\n"  # one file: the text alone
+
+
+def test_tsv_and_jsonl_results_carry_duration_and_decoding_time(saved_model, tiny, tmp_path):
+    model, model_dir = saved_model
+    examples = read_jsonl(tiny["jsonl"])
+    details = model.transcribe([e.wav for e in examples], max_new_tokens=8, return_details=True)
+    texts = [" ".join(d.text.split()) for d in details]
+    durations = [len(load_audio(e.wav)) / SAMPLE_RATE for e in examples]
+    finished = [d.finished for d in details]
+    assert not all(finished)  # a hypothesis that ran to max_new_tokens is flagged as such
+
+    recognize(model_dir, tiny["jsonl"], tmp_path / "hyp.tsv", *FAST)
+    header, *rows = read_results(tmp_path / "hyp.tsv")
+    assert header == ["key", "text", "duration", "decoding_seconds", "finished"]
+    assert [(k, t, float(d), f == "True") for k, t, d, _, f in rows] == list(
+        zip([e.key for e in examples], texts, durations, finished)
+    )
+    assert all(float(seconds) > 0 for _, _, _, seconds, _ in rows)
+
+    recognize(model_dir, tiny["jsonl"], tmp_path / "hyp.jsonl", *FAST)
+    rows = [json.loads(line) for line in open(tmp_path / "hyp.jsonl")]
+    assert [(r["key"], r["wav"], r["text"], r["reference"], r["duration"], r["finished"]) for r in rows] == [
+        (e.key, e.wav, t, e.txt, d, f) for e, t, d, f in zip(examples, texts, durations, finished)
+    ]
+    assert all(r["decoding_seconds"] > 0 for r in rows)
+
+
+def test_results_are_kept_as_produced_and_a_rerun_decodes_only_the_rest(saved_model, tiny, tmp_path, monkeypatch):
+    _, model_dir = saved_model
+    bad_wav = Path(tiny["root"]) / "corrupt_for_rerun.wav"
+    bad_wav.write_bytes(b"RIFF not really a wav file")  # the shortest by size: decoded last
+    data = Path(tiny["root"]) / "with_corrupt.jsonl"
+    data.write_text(open(tiny["jsonl"]).read() + json.dumps({"key": "late", "wav": bad_wav.name}) + "\n")
+    result_path = tmp_path / "hyp.txt"
+    decoded = []
+    decode_batch = SpeechLLM.decode_batch
+    monkeypatch.setattr(
+        SpeechLLM,
+        "decode_batch",
+        lambda self, audios, *a, **k: decoded.append(len(audios)) or decode_batch(self, audios, *a, **k),
+    )
+
+    with pytest.raises(SystemExit) as exit_info:
+        recognize(model_dir, data, result_path, *FAST, "--batch_size", "2")
+    assert exit_info.value.code == 1 and decoded == [2, 2]
+    assert not result_path.exists()
+    saved = [json.loads(line) for line in open(f"{result_path}.part0")][1:]  # after the settings line
+    assert sorted(row["key"] for row in saved) == [e.key for e in read_jsonl(tiny["jsonl"])]
+
+    with pytest.raises(SystemExit):  # other decoding settings: the saved results are not mixed in
+        recognize(model_dir, data, result_path, "--num_beams", "2", "--max_new_tokens", "8")
+
+    shutil.copy(Path(tiny["root"]) / "utt0.wav", bad_wav)  # the user fixes the file and runs it again
+    decoded.clear()
+    recognize(model_dir, data, result_path, *FAST, "--batch_size", "2")
+    assert decoded == [1]  # only the clip that failed
+    assert not list(tmp_path.glob("hyp.txt.part*"))
+    recognize(model_dir, data, tmp_path / "fresh.txt", *FAST, "--batch_size", "2")
+    assert read_results(result_path) == read_results(tmp_path / "fresh.txt")
+
+
+def test_user_errors_are_one_line_without_traceback(saved_model, tiny, tmp_path, capsys):
     _, model_dir = saved_model
     result_path = tmp_path / "hyp.txt"
     result_path.write_text("earlier results\n")
-    bad = Path(tiny["jsonl"]).parent / "bad.jsonl"  # beside the audio its lines name
+    bad = Path(tiny["root"]) / "bad.jsonl"  # beside the audio its lines name
     bad.write_text(open(tiny["jsonl"]).read() + '{"wav": "missing.wav"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:5: audio file not found"):
+    with pytest.raises(SystemExit) as exit_info:
         recognize(model_dir, bad, result_path)
-    assert result_path.read_text() == "earlier results\n"
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {bad}:5: audio file not found: {bad.parent}/missing.wav"
+    ]
+    assert result_path.read_text() == "earlier results\n"  # nothing already written is lost
+
+    run = command_line("--projector_model_path", tmp_path / "no_model", tiny["root"] / "utt0.wav")
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'no_model'}: no such folder or file"
+    assert "Traceback" not in run.stderr
+
+
+def test_a_hub_id_from_the_offline_cache_on_the_command_line(saved_model, tiny, tmp_path):
+    model, model_dir = saved_model
+    cache = build_hub_cache(tmp_path / "hub", "someone/tiny-speechllm", model_dir)
+    clip = tiny["root"] / "utt3.wav"
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    run = command_line("--projector_model_path", "someone/tiny-speechllm", clip, *FAST, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == model.transcribe(str(clip), max_new_tokens=8) + "\n"  # stdout holds the text alone
+
+
+def test_processes_get_clips_of_every_length_in_turn():
+    seconds = [3.0, 29.0, 1.0, 12.0, 30.0, 2.0, 7.0, 5.0, 8.0]
+    shares = [process_share(seconds, rank, 2) for rank in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(len(seconds)))
+    assert [seconds[i] for i in shares[0]] == sorted((seconds[i] for i in shares[0]), reverse=True)
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+    totals = [sum(seconds[i] for i in share) for share in shares]
+    assert abs(totals[0] - totals[1]) <= max(seconds)  # a contiguous split: 86 s against 10 s
 
 
 def test_two_processes_split_the_work_and_merge_in_order(saved_model, tiny, tmp_path):
@@ -82,3 +204,4 @@ def test_two_processes_split_the_work_and_merge_in_order(saved_model, tiny, tmp_
     two = torchrun(2, tmp_path / "two.txt")
     assert two == torchrun(1, tmp_path / "single.txt")
     assert [key for key, _ in two] == [e.key for e in read_jsonl(tiny["jsonl"])]
+    assert not list(tmp_path.glob("two.txt.part*"))

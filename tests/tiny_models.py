@@ -1,7 +1,9 @@
 """Tiny, randomly initialised models the tests build themselves: no hub, no downloads."""
 
 import os
+import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import soundfile
@@ -117,3 +119,15 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
     with open(path, "w") as file:
         file.writelines(json.dumps(row) + "\n" for row in rows)
     return path
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def build_hub_cache(cache, repo_id: str, folder) -> Path:
+    """huggingface_hub's cache layout for one repository at one commit, as a download leaves it; the cache."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    shutil.copytree(folder, repo / "snapshots" / HUB_COMMIT)
+    return Path(cache)

@@ -1,0 +1,69 @@
+"""Where a saved SpeechLLM comes from and goes to: its folder, the folder's model.safetensors, or a hub repository.
+
+Hub repositories are fetched with huggingface_hub, so its cache and its switches apply: with HF_HUB_OFFLINE=1 a
+model already in the cache loads without a network.
+"""
+
+import os
+
+from huggingface_hub import HfApi, hf_hub_download, is_offline_mode
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
+
+WEIGHTS_NAME = "model.safetensors"
+SAVED_FILES = [CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME]  # all that save_pretrained writes
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+AUTO_CLASS_OPTIONS = ("_from_auto", "trust_remote_code", "adapter_kwargs")  # what AutoModel passes on; unused here
+PUSH_OPTIONS = ("repo_id", "commit_message", "private", "token", "create_pr", "revision")
+
+
+def split_options(options: dict, names) -> tuple[dict, dict]:
+    """(the options named in names, the rest)."""
+    return {k: v for k, v in options.items() if k in names}, {k: v for k, v in options.items() if k not in names}
+
+
+def pretrained_folder(path, options: dict) -> tuple[str, dict]:
+    """The local folder of a saved SpeechLLM given as the folder, its model.safetensors, or a hub id; and the
+    from_pretrained options left once the hub's (HUB_OPTIONS) and AutoModel's own are taken out."""
+    hub_options, options = split_options(options, HUB_OPTIONS)
+    options = split_options(options, AUTO_CLASS_OPTIONS)[1]
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path, options
+    if os.path.isfile(path):
+        if os.path.basename(path) != WEIGHTS_NAME:
+            raise ValueError(f"{path}: expected a saved SpeechLLM's folder or its {WEIGHTS_NAME}")
+        return os.path.dirname(path) or ".", options
+    try:
+        files = [hf_hub_download(path, name, **hub_options) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    except HFValidationError:  # not even shaped like a repo id
+        raise FileNotFoundError(f"{path}: no such folder or file") from None
+    except (OSError, EntryNotFoundError) as error:  # not on the hub, not in the cache offline, no connection
+        if is_offline_mode():
+            raise FileNotFoundError(
+                f"{path}: no such folder or file, nor in the hub cache (HF_HUB_OFFLINE is set)"
+            ) from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"{path}: no such folder or file, nor a model on the hub: {reason}") from None
+    try:  # decoding defaults, saved since the loop guards; older models have none
+        hf_hub_download(path, GENERATION_CONFIG_NAME, **hub_options)
+    except EntryNotFoundError:
+        pass
+    return os.path.dirname(files[0]), options
+
+
+def push_folder(folder: str, repo_id: str | None = None, *, token=None, private=None, **upload_options) -> str:
+    """Upload a saved SpeechLLM (its configs and trained weights) to a hub repository, created if need be; its URL."""
+    repo_id = repo_id or os.path.basename(os.path.abspath(folder))
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            allow_patterns=SAVED_FILES,
+            **upload_options,
+        )
+    except Exception as error:  # offline, no token, no rights: say what could not be pushed, keep the cause
+        raise RuntimeError(f"push_to_hub: could not push {folder} to {repo_id!r}: {error}") from error
+    return commit.commit_url
