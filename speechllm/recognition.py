@@ -52,6 +52,13 @@ class RecognizeArguments:
         default=None, metadata={"help": "default: enough for the longest clip; other prompts: answer_max_new_tokens"}
     )
     metric: str = field(default="wer", metadata={"choices": ["wer", "cer"]})
+    no_repeat_ngram_size: int | None = field(default=None, metadata={"help": "default: the model's generation_config"})
+    repetition_penalty: float | None = field(default=None, metadata={"help": "default: the model's generation_config"})
+
+    def decoding_options(self) -> dict:
+        """The loop guards given on the command line; the others keep the model's own."""
+        guards = {"no_repeat_ngram_size": self.no_repeat_ngram_size, "repetition_penalty": self.repetition_penalty}
+        return {name: value for name, value in guards.items() if value is not None}
 
 
 # Options that do not change a clip's hypothesis: a rerun may change them and still reuse saved results.
@@ -65,9 +72,10 @@ def process_share(seconds: list[float], process_index: int, num_processes: int) 
     return order[process_index::num_processes]
 
 
-def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, prompt=None, on_batch=None):
+def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, prompt=None, on_batch=None, **options):
     """One result row ({key, text, duration, decoding_seconds, finished}) an example, in their order; each process
-    decodes its share, and on_batch(rows) sees each batch's rows as soon as they are decoded."""
+    decodes its share, and on_batch(rows) sees each batch's rows as soon as they are decoded. options: decode_batch's
+    (no_repeat_ngram_size, repetition_penalty, ...)."""
     state = PartialState()
     mine = process_share([input_seconds(e) for e in examples], state.process_index, state.num_processes)
     rows = []
@@ -76,7 +84,7 @@ def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, p
         audios = [load_input_audio(e) for e in batch]
         prompts = [e.prompt or prompt for e in batch]
         nbest = [e.nbest for e in batch]  # cached error correction hypotheses, if any
-        hypotheses = model.decode_batch(audios, prompts, num_beams, max_new_tokens, nbest=nbest)
+        hypotheses = model.decode_batch(audios, prompts, num_beams, max_new_tokens, nbest=nbest, **options)
         new = [
             {
                 "key": e.key,
@@ -137,7 +145,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         model.to(state.device)
         save = partial.add if partial else None
         with user_errors(DataError, AudioError):
-            rows = recognize(model, todo, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt, save)
+            rows = recognize(
+                model, todo, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt, save,
+                **args.decoding_options(),
+            )  # fmt: skip
     if not state.is_main_process:
         return None
 

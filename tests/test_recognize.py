@@ -205,3 +205,20 @@ def test_two_processes_split_the_work_and_merge_in_order(saved_model, tiny, tmp_
     assert two == torchrun(1, tmp_path / "single.txt")
     assert [key for key, _ in two] == [e.key for e in read_jsonl(tiny["jsonl"])]
     assert not list(tmp_path.glob("two.txt.part*"))
+
+
+def test_loop_guards_pass_from_the_command_line_to_decoding(saved_model, tiny, tmp_path, monkeypatch):
+    _, model_dir = saved_model
+    seen, original = [], SpeechLLM.decode_batch
+
+    def spy(self, *args, **options):
+        seen.append({name: options.get(name) for name in ("no_repeat_ngram_size", "repetition_penalty")})
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(SpeechLLM, "decode_batch", spy)
+    guards = ["--no_repeat_ngram_size", "3", "--repetition_penalty", "1.2"]
+    recognize(model_dir, tiny["jsonl"], tmp_path / "guarded.txt", *FAST, *guards)
+    assert seen and all(s == {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2} for s in seen), seen
+    seen.clear()
+    recognize(model_dir, tiny["jsonl"], tmp_path / "plain.txt", *FAST)  # unset: the model's generation_config
+    assert seen and all(s == {"no_repeat_ngram_size": None, "repetition_penalty": None} for s in seen), seen
