@@ -16,7 +16,7 @@ from collections import defaultdict
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from .cli import user_errors
+from .errors import user_errors
 
 STATE_NAME = "trainer_state.json"
 

@@ -12,8 +12,8 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from .audio import SAMPLE_RATE, AudioError
-from .cli import user_errors
 from .data import DataError
+from .errors import user_errors
 from .inputs import input_seconds, load_input_audio, read_inputs
 from .metrics import error_rate, format_error_rate
 from .model import MODEL_DTYPES, SpeechLLM

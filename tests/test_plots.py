@@ -1,9 +1,13 @@
 import json
+import os
+import sys
 
 import pytest
 from matplotlib import image
 
 from speechllm.plots import main, plot, read_eval_log, read_history, smoothed
+
+PROG = os.path.basename(sys.argv[0])  # how a command line names itself in its error lines
 
 
 def write_run(root):
@@ -51,11 +55,12 @@ def test_bad_runs_and_logs_are_one_line_errors(tmp_path, capsys):
         main([str(tmp_path)])
     assert (
         capsys.readouterr().err.strip()
-        == f"error: {tmp_path}: no trainer_state.json here, nor a checkpoint-N folder holding one"
+        == f"{PROG}: error: {tmp_path}: no trainer_state.json here, nor a checkpoint-N folder holding one"
     )
     write_run(tmp_path / "run")
     log = tmp_path / "wer.jsonl"
     log.write_text('{"step": 100, "wer": 0.5}\n{"wer": 0.4}\n')
     with pytest.raises(SystemExit):
         main([str(tmp_path / "run"), "--eval_log", str(log)])
-    assert capsys.readouterr().err.strip() == f'error: {log}:2: expected {{"step": N, "wer": fraction, "set"?: name}}'
+    expected = f'{PROG}: error: {log}:2: expected {{"step": N, "wer": fraction, "set"?: name}}'
+    assert capsys.readouterr().err.strip() == expected

@@ -158,13 +158,15 @@ def test_user_errors_are_one_line_without_traceback(saved_model, tiny, tmp_path,
         recognize(model_dir, bad, result_path)
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {bad}:5: audio file not found: {bad.parent}/missing.wav"
+        f"{os.path.basename(sys.argv[0])}: error: {bad}:5: audio file not found: {bad.parent}/missing.wav"
     ]
     assert result_path.read_text() == "earlier results\n"  # nothing already written is lost
 
     run = command_line("--projector_model_path", tmp_path / "no_model", tiny["root"] / "utt0.wav")
     assert (run.returncode, run.stdout) == (1, "")
-    assert run.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'no_model'}: no such folder or file"
+    assert (
+        run.stderr.strip().splitlines()[-1] == f"recognize.py: error: {tmp_path / 'no_model'}: no such folder or file"
+    )
     assert "Traceback" not in run.stderr
 
 

