@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .audio import SAMPLE_RATE
+from .decoding import shared_prompt_cache
 from .encoder import load_whisper_encoder
 from .errors import InputError
 from .hub import PUSH_OPTIONS, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
@@ -221,6 +222,9 @@ class SpeechLLM(PreTrainedModel):
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
         inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens, audio_features)
+        num_beams = generate_kwargs.get("num_beams", 1)
+        if num_beams > 1 and "cache" not in generate_kwargs:  # the prompt pass once per clip, not once per beam
+            generate_kwargs["cache"] = shared_prompt_cache(self.llm, inputs_embeds, attention_mask, num_beams)
         with warnings.catch_warnings():  # that the loop guards see only the answer, not the prompt, is the point
             warnings.filterwarnings("ignore", message="Passing `.*` with `inputs_embeds`")
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
