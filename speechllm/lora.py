@@ -25,6 +25,17 @@ def is_lora_parameter(name: str) -> bool:
     return LORA_MARKER in name
 
 
+def merge_lora(llm):
+    """Fold each LoRA layer into the weight it adapts and put that plain layer back in its place (for inference
+    that needs plain layers, e.g. quantisation): afterwards the LLM has no LoRA parameters."""
+    parents = {id(child): (parent, name) for parent in llm.modules() for name, child in parent.named_children()}
+    for layer in [module for module in llm.modules() if isinstance(module, BaseTunerLayer)]:
+        layer.merge()
+        parent, name = parents[id(layer)]
+        setattr(parent, name, layer.get_base_layer())
+    return llm
+
+
 @contextlib.contextmanager
 def lora_disabled(llm):
     """The LLM as it was before LoRA (e.g. as a distillation teacher), for the duration of the block."""

@@ -13,6 +13,7 @@ from whisper.normalizers import EnglishTextNormalizer
 from speechllm import SpeechLLM
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.data import read_jsonl
+from speechllm.quantization import quantize_llm_int8
 from speechllm.recognition import main as recognize_main
 from speechllm.recognition import process_share
 
@@ -146,6 +147,18 @@ def test_results_are_kept_as_produced_and_a_rerun_decodes_only_the_rest(saved_mo
     assert not list(tmp_path.glob("hyp.txt.part*"))
     recognize(model_dir, data, tmp_path / "fresh.txt", *FAST, "--batch_size", "2")
     assert read_results(result_path) == read_results(tmp_path / "fresh.txt")
+
+
+def test_int8_llm(saved_model, tiny, tmp_path):
+    model, model_dir = saved_model
+    result_path = str(tmp_path / "hyp.txt")
+    recognize(model_dir, tiny["jsonl"], result_path, "--num_beams", "1", "--max_new_tokens", "6", "--llm_int8", "true")
+    wavs = [e.wav for e in read_jsonl(tiny["jsonl"])]
+    fp32 = model.transcribe(wavs, max_new_tokens=6)
+    quantize_llm_int8(model.llm)
+    expected = model.transcribe(wavs, max_new_tokens=6)
+    assert expected != fp32  # so the file shows which LLM wrote it
+    assert [hyp for _, hyp in read_results(result_path)] == [" ".join(t.split()) for t in expected]
 
 
 def test_user_errors_are_one_line_without_traceback(saved_model, tiny, tmp_path, capsys):

@@ -1,0 +1,42 @@
+"""int8 LLM for CPU decoding, and LoRA merged into the weights first."""
+
+import torch
+
+from speechllm.audio import load_audio
+from speechllm.data import SpeechDataset
+from speechllm.lora import is_lora_parameter, merge_lora
+from speechllm.quantization import quantize_llm_int8
+
+
+def batch_of(model, tiny):
+    audios = [load_audio(e.wav) for e in SpeechDataset(tiny["jsonl"]).examples]
+    return model.processor(audios, [None] * len(audios))
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_merged_lora_computes_what_the_lora_layers_did(make_model, tiny):
+    model = make_model(lora_rank=4).eval()  # no LoRA dropout
+    torch.manual_seed(1)
+    for name, parameter in model.llm.named_parameters():
+        if is_lora_parameter(name):
+            torch.nn.init.normal_(parameter, std=0.1)  # lora_B starts at zero: make LoRA change something
+    batch = batch_of(model, tiny)
+    with_lora = logits(model, batch)
+    merge_lora(model.llm)
+    assert not any(is_lora_parameter(name) for name, _ in model.llm.named_parameters())
+    assert torch.allclose(logits(model, batch), with_lora, atol=1e-4), (logits(model, batch) - with_lora).abs().max()
+    assert not torch.allclose(with_lora, logits(make_model(), batch), atol=1e-2)  # LoRA did change the logits
+
+
+def test_int8_llm_has_no_float_linear_layer_left_and_decodes(make_model, tiny):
+    model = make_model(lora_rank=4).eval()
+    quantize_llm_int8(model.llm)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.llm.modules())  # the output layer too
+    assert not any(is_lora_parameter(name) for name, _ in model.llm.named_parameters())
+    audios = [load_audio(e.wav) for e in SpeechDataset(tiny["jsonl"]).examples]
+    hypotheses = model.decode_batch(audios, max_new_tokens=5)
+    assert len(hypotheses) == 4 and all(h.finished or len(h.token_ids) == 5 for h in hypotheses)
