@@ -39,7 +39,7 @@ from transformers import TrainerCallback, TrainingArguments
 from speechllm import SpeechLLM
 from speechllm.audio import ENCODER_STRIDE, SAMPLE_RATE, num_frames, split_windows
 from speechllm.data import Collator, SpeechDataset, load_example_audio, read_jsonl
-from speechllm.quantization import quantize_llm_int8
+from speechllm.quantization import Int8StepLinear, quantize_llm_int8
 from speechllm.training import SpeechLLMTrainer
 
 QUICK = {"limit": 2, "batch_size": 2, "max_new_tokens": 4, "train_steps": 2, "train_batch_size": 2}
@@ -127,16 +127,20 @@ def machine_rates(clock: Clock, device, dtype, size: int, mebibytes: int, repeat
 
 
 def linear_weights(module: nn.Module, skip=()) -> tuple[int, int]:
-    """(parameters, bytes) of the linear layers' weights in module: float ones and int8 dynamically quantised ones."""
+    """(parameters, bytes) of the linear layers' weights in module (of the int8 copy where there is one)."""
     params = nbytes = 0
+    skipped = {id(m) for s in skip for m in s.modules()}
     for layer in module.modules():
-        if any(layer is s for s in skip):
+        if id(layer) in skipped:
             continue
-        if isinstance(layer, nn.Linear):
-            params, nbytes = params + layer.weight.numel(), nbytes + layer.weight.numel() * layer.weight.element_size()
-        elif isinstance(layer, torch.ao.nn.quantized.dynamic.Linear):
-            weight = layer.weight()
-            params, nbytes = params + weight.numel(), nbytes + weight.numel() * weight.element_size()
+        if isinstance(layer, Int8StepLinear):  # a decoding step reads its int8 copy only
+            skipped.add(id(layer.linear))
+            weight = layer.int8.weight()
+        elif isinstance(layer, nn.Linear):
+            weight = layer.weight
+        else:
+            continue
+        params, nbytes = params + weight.numel(), nbytes + weight.numel() * weight.element_size()
     return params, nbytes
 
 

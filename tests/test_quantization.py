@@ -5,7 +5,7 @@ import torch
 from speechllm.audio import load_audio
 from speechllm.data import SpeechDataset
 from speechllm.lora import is_lora_parameter, merge_lora
-from speechllm.quantization import quantize_llm_int8
+from speechllm.quantization import Int8StepLinear, quantize_llm_int8
 
 
 def batch_of(model, tiny):
@@ -32,11 +32,21 @@ def test_merged_lora_computes_what_the_lora_layers_did(make_model, tiny):
     assert not torch.allclose(with_lora, logits(make_model(), batch), atol=1e-2)  # LoRA did change the logits
 
 
-def test_int8_llm_has_no_float_linear_layer_left_and_decodes(make_model, tiny):
+def test_int8_steps_leave_the_prompt_pass_as_it_was_and_decode(make_model, tiny):
     model = make_model(lora_rank=4).eval()
+    batch = batch_of(model, tiny)
+    prompt = logits(model, batch)
     quantize_llm_int8(model.llm)
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.llm.modules())  # the output layer too
+    wrapped = {id(m.linear) for m in model.llm.modules() if isinstance(m, Int8StepLinear)}
+    assert wrapped and wrapped == {id(m) for m in model.llm.modules() if type(m) is torch.nn.Linear}  # lm_head too
     assert not any(is_lora_parameter(name) for name, _ in model.llm.named_parameters())
+    assert torch.equal(logits(model, batch), prompt)  # the prompt pass is still float
+    # One position a row (a decoding step) goes through int8; the same position in a longer input does not.
+    x = torch.randn(2, 1, model.llm.config.hidden_size)
+    with torch.no_grad():
+        step, full = model.llm(inputs_embeds=x).logits, model.llm(inputs_embeds=torch.cat([x, x], 1)).logits[:, :1]
+    error = ((step - full).norm() / full.norm()).item()
+    assert 0 < error < 0.2, error
     audios = [load_audio(e.wav) for e in SpeechDataset(tiny["jsonl"]).examples]
     hypotheses = model.decode_batch(audios, max_new_tokens=5)
     assert len(hypotheses) == 4 and all(h.finished or len(h.token_ids) == 5 for h in hypotheses)

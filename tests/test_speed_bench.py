@@ -8,6 +8,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from speechllm.quantization import quantize_llm_int8
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,3 +94,8 @@ def test_floors_count_the_flops_torch_counts(make_model):
     frames = 200
     mel = torch.randn(1, model.encoder.dims.n_mels, frames)
     assert counted_flops(lambda: model.encoder(mel, torch.tensor([frames]))) == costs.encoder_flops([frames])
+
+    quantize_llm_int8(model.llm)  # a step then reads the int8 copies: a byte a weight
+    int8 = bench.Costs(model)
+    assert (int8.linear_params, int8.output_params) == (costs.linear_params, costs.output_params)
+    assert int8.weight_bytes == costs.weight_bytes // 4 == costs.linear_params + costs.output_params
