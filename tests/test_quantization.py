@@ -5,7 +5,7 @@ import torch
 from speechllm.audio import load_audio
 from speechllm.data import SpeechDataset
 from speechllm.lora import is_lora_parameter, merge_lora
-from speechllm.quantization import Int8StepLinear, quantize_llm_int8
+from speechllm.quantization import INT8_PROJECTIONS, Int8StepLinear, quantize_llm_int8
 
 
 def batch_of(model, tiny):
@@ -37,8 +37,11 @@ def test_int8_steps_leave_the_prompt_pass_as_it_was_and_decode(make_model, tiny)
     batch = batch_of(model, tiny)
     prompt = logits(model, batch)
     quantize_llm_int8(model.llm)
-    wrapped = {id(m.linear) for m in model.llm.modules() if isinstance(m, Int8StepLinear)}
-    assert wrapped and wrapped == {id(m) for m in model.llm.modules() if type(m) is torch.nn.Linear}  # lm_head too
+    wrapped = {name for name, m in model.llm.named_modules() if isinstance(m, Int8StepLinear)}
+    layers = model.llm.config.num_hidden_layers
+    assert len(wrapped) == layers * len(INT8_PROJECTIONS) and {n.rsplit(".", 1)[1] for n in wrapped} == set(
+        INT8_PROJECTIONS
+    )
     assert not any(is_lora_parameter(name) for name, _ in model.llm.named_parameters())
     assert torch.equal(logits(model, batch), prompt)  # the prompt pass is still float
     # One position a row (a decoding step) goes through int8; the same position in a longer input does not.

@@ -1,5 +1,6 @@
 """The small real models that PyPI packages ship: SmolLM2-135M-Instruct (GGUF) and the shipped projector on it."""
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from speechllm.metrics import error_rate
 from speechllm.model import load_llm, stop_token_ids
 from speechllm.packaged_models import SMOLLM2_GGUF as SMOLLM2_NAME
 from speechllm.packaged_models import WHISPER_TINY_EN, resolve, smollm2_gguf, whisper_tiny_en
+from speechllm.quantization import quantize_llm_int8
 
 SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: these tests run in CI
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -38,6 +40,15 @@ def test_gguf_llm_answers_a_simple_chat_prompt(smollm2):
     new = output[0, inputs["input_ids"].shape[1] :]
     assert "Paris" in tokenizer.decode(new, skip_special_tokens=True)
     assert new[-1].item() in stops  # it stops on its own end-of-turn token
+
+
+def test_int8_steps_still_answer_a_simple_chat_prompt(smollm2):
+    llm, tokenizer = smollm2
+    llm = quantize_llm_int8(copy.deepcopy(llm))
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = llm.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_bad_gguf_path_names_the_file(tmp_path):

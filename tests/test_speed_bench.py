@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from speechllm.quantization import quantize_llm_int8
+from speechllm.quantization import Int8StepLinear, quantize_llm_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,8 @@ def test_floors_count_the_flops_torch_counts(make_model):
     mel = torch.randn(1, model.encoder.dims.n_mels, frames)
     assert counted_flops(lambda: model.encoder(mel, torch.tensor([frames]))) == costs.encoder_flops([frames])
 
-    quantize_llm_int8(model.llm)  # a step then reads the int8 copies: a byte a weight
+    quantize_llm_int8(model.llm)  # a step then reads the int8 copies: a byte a weight instead of four
     int8 = bench.Costs(model)
+    quantized = sum(m.linear.weight.numel() for m in model.llm.modules() if isinstance(m, Int8StepLinear))
     assert (int8.linear_params, int8.output_params) == (costs.linear_params, costs.output_params)
-    assert int8.weight_bytes == costs.weight_bytes // 4 == costs.linear_params + costs.output_params
+    assert quantized and int8.weight_bytes == costs.weight_bytes - 3 * quantized
