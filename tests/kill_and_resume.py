@@ -6,7 +6,7 @@ run that was never interrupted (tiny test models, a few seconds of training a ru
 Each trial starts train.py on a fresh output folder and kills it (SIGKILL) up to --kills times, starting it again
 after each kill; the last start runs to the end. The run saves a checkpoint every step and keeps two, with
 group_by_length, as the shipped recipe does. Where the kill falls:
-  --at time: at a random moment between the first checkpoint and the end of an uninterrupted run (wall clock).
+  --at time: at a random moment of the training (wall clock), from the first checkpoint a start writes to its end.
   --at io:   just before a random one of the run's file operations in its output folder (a file opened for writing,
              a file or folder made or deleted): the process kills itself from an audit hook, so every kill lands
              inside a save of a checkpoint, of the final model, or in the deletion of an old checkpoint.
@@ -111,22 +111,23 @@ def check(process: subprocess.Popen, output_dir: Path):
         raise SystemExit(f"train.py exited {process.returncode} in {output_dir}:\n{log[-4000:]}")
 
 
-def finish(args: list[str], output_dir: Path) -> tuple[float, float]:
-    """Run to the end; returns the seconds until the first checkpoint appeared and until the run ended."""
-    began, first_checkpoint = time.monotonic(), None
-    process = start(args, output_dir)
+def finish(args: list[str], output_dir: Path) -> float:
+    """Run to the end; returns the seconds a step took (from the first checkpoint's save to the last one's)."""
+    process, seen = start(args, output_dir), {}
     while process.poll() is None:
-        if first_checkpoint is None and (output_dir / "checkpoint-1").exists():
-            first_checkpoint = time.monotonic() - began
-        time.sleep(0.05)
+        for step in (1, STEPS):
+            if step not in seen and (output_dir / f"checkpoint-{step}").exists():
+                seen[step] = time.monotonic()
+        time.sleep(0.002)
     check(process, output_dir)
     if process.returncode:
         raise SystemExit(f"{output_dir}: killed, not by this script")
-    return first_checkpoint or 0.0, time.monotonic() - began
+    return (seen[STEPS] - seen[1]) / (STEPS - 1) if len(seen) == 2 else 0.0
 
 
-def complete_checkpoints(output_dir: Path) -> list[str]:
-    return [c for c in checkpoints(str(output_dir)) if is_complete(c)] if output_dir.is_dir() else []
+def newest_step(output_dir: Path) -> int:
+    found = checkpoints(str(output_dir)) if output_dir.is_dir() else []
+    return max([int(Path(c).name.split("-")[1]) for c in found if is_complete(c)], default=0)
 
 
 def state_of(output_dir: Path) -> str:
@@ -157,11 +158,11 @@ def main():
     data = write_jsonl(str(root / "data.jsonl"), rows)
 
     reference_dir = root / "reference"
-    first_checkpoint, seconds = finish(train_args(models, data, reference_dir), reference_dir)
+    step_seconds = finish(train_args(models, data, reference_dir), reference_dir)
     reference = safetensors.torch.load_file(reference_dir / "model.safetensors")
     operations = int(count_file(reference_dir).read_text())
-    print(f"uninterrupted run: {seconds:.1f} s, the first checkpoint after {first_checkpoint:.1f} s, {operations} file")
-    print(f"operations in its output folder; kills --at {args.at}")
+    print(f"uninterrupted run: {step_seconds:.3f} s a step (with its save), {operations} file operations in its")
+    print(f"output folder; kills --at {args.at}")
 
     failures = 0
     for trial in range(args.trials):
@@ -169,13 +170,15 @@ def main():
         run_args = train_args(models, data, output_dir)
         for kill in range(args.kills):
             if args.at == "io":  # a resumed start makes only the operations of the steps it has left
-                left = STEPS - max([int(Path(c).name.split("-")[1]) for c in complete_checkpoints(output_dir)] or [0])
-                where = rng.randint(1, max(1, operations * left // STEPS))
+                where = rng.randint(1, max(1, operations * (STEPS - newest_step(output_dir)) // STEPS))
                 process = start(run_args, output_dir, kill_at=where)
                 process.wait()
-            else:
-                where = rng.uniform(0.9 * first_checkpoint, seconds)
+            else:  # from this start's first checkpoint on (how long it takes to start up varies a lot)
+                done = newest_step(output_dir)
+                where = rng.uniform(0, (STEPS - done) * step_seconds)
                 process = start(run_args, output_dir)
+                while process.poll() is None and newest_step(output_dir) <= done:
+                    time.sleep(0.002)
                 try:
                     process.wait(timeout=where)
                 except subprocess.TimeoutExpired:
