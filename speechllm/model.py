@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from .audio import SAMPLE_RATE
 from .decoding import shared_prompt_cache
@@ -26,7 +27,6 @@ from .packaged_models import resolve as resolve_packaged
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 
-GENERATION_CONFIG_NAME = "generation_config.json"
 # Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
 LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
