@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from speechllm.data import load_example_audio, read_jsonl
 from speechllm.encoder import load_whisper_encoder
+from speechllm.errors import run_command_line
 from speechllm.nbest import decode_nbest, load_whisper_decoder
 
 
@@ -78,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command_line(main)  # a bad jsonl line or path: one line naming it, no traceback

@@ -19,6 +19,7 @@ import torch
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import read_jsonl
+from speechllm.errors import run_command_line
 from speechllm.model import load_llm, stop_token_ids
 
 
@@ -78,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command_line(main)  # a bad jsonl line or path: one line naming it, no traceback
