@@ -18,7 +18,7 @@ from .distill import DistillArguments, Distillation, DistillCollator
 from .errors import InputError, run_command_line
 from .hub import pretrained_folder
 from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
-from .nbest import error_correction_collator
+from .nbest import DEFAULT_NBEST_PROMPT, error_correction_collator
 
 _DEFAULTS = SpeechLLMConfig()
 
@@ -79,13 +79,15 @@ class ResumeArguments:
 
 def build_model(model_args: ModelArguments) -> SpeechLLM:
     """A new model, or a saved one with the options given on top; LoRA options on a model saved without LoRA
-    add fresh LoRA weights to it."""
+    add fresh LoRA weights to it, and --nbest on a recognition model gives it the n-best prompt unless --prompt does."""
     given = {k: v for k, v in asdict(model_args).items() if v is not None and k != "projector_model_path"}
     if not model_args.projector_model_path:
         return SpeechLLM(SpeechLLMConfig(**given))
     path, _ = pretrained_folder(model_args.projector_model_path, {})  # the folder, its model.safetensors or a hub id
     saved = SpeechLLMConfig.from_pretrained(path)
     new_lora = {k: given.pop(k) for k in list(given) if k.startswith("lora_")} if not saved.lora_rank else {}
+    if given.get("nbest") and not saved.nbest and "prompt" not in given:  # an ASR model turned to error correction:
+        given["prompt"] = DEFAULT_NBEST_PROMPT  # its saved prompt has no <nbest>
     model = SpeechLLM.from_pretrained(path, **given)
     if new_lora.get("lora_rank"):
         model.add_lora(**new_lora)

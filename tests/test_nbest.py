@@ -212,3 +212,24 @@ def test_train_and_recognize_a_plain_jsonl(tiny, tiny_en, tmp_path):
     )
     keys = [line.split("\t")[0] for line in result.read_text().splitlines()]
     assert keys == [e.key for e in read_jsonl(EXAMPLE_JSONL)]
+
+
+def test_nbest_on_a_saved_recognition_model_takes_the_nbest_prompt(tiny, tiny_en, tmp_path):
+    """--projector_model_path of an ASR model with --nbest: error correction from its trained weights, with the n-best
+    prompt (its own has no <nbest>) unless --prompt gives one."""
+    from speechllm.training import ModelArguments, build_model
+
+    config = SpeechLLMConfig(
+        whisper_model_name_or_path=tiny_en, llm_model_name_or_path=tiny["qwen2"], projector_hidden_size=32
+    )
+    saved = SpeechLLM(config)
+    saved.save_pretrained(tmp_path)
+    model = build_model(ModelArguments(projector_model_path=str(tmp_path), nbest=3))
+    assert (model.config.nbest, model.config.prompt) == (3, DEFAULT_NBEST_PROMPT)
+    assert model.whisper_decoder is not None
+    for name, value in saved.projector.state_dict().items():
+        assert torch.equal(model.projector.state_dict()[name], value), name
+    prompt = f"{NBEST_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}Fix it."
+    assert (
+        build_model(ModelArguments(projector_model_path=str(tmp_path), nbest=3, prompt=prompt)).config.prompt == prompt
+    )
