@@ -2,8 +2,10 @@
 ended (ran to max_new_tokens: loops), and decoding speed; for each decoding setting asked for, in one model load.
 
     python bench/evaluate.py examples/tiny_en_smollm2 ../shared/data/dev/data.jsonl ../shared/data/dev_ood/data.jsonl \
-        --whisper_model_name_or_path $W --llm_model_name_or_path $L \
         --no_repeat_ngram_size 0 4 --repetition_penalty 1.0 1.1 [--num_beams 1] [--json results.json]
+
+An error-correction model reads each line's cached "nbest" where there is one (examples/make_error_correction_data.py)
+and decodes Whisper's n-best itself elsewhere.
 
 Every combination of --no_repeat_ngram_size and --repetition_penalty is scored; --hypotheses DIR writes each
 setting's key<TAB>hypothesis lines there, for reading the errors.
@@ -98,7 +100,9 @@ def main():
             )
             if args.hypotheses:
                 os.makedirs(args.hypotheses, exist_ok=True)
-                name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}_ngram{ngram}_rp{penalty}.txt"
+                stem = os.path.splitext(os.path.basename(path))[0]  # .../dev/data.jsonl: dev; dev_nbest.jsonl itself
+                label = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "data" else stem
+                name = f"{label}_ngram{ngram}_rp{penalty}.txt"
                 with open(os.path.join(args.hypotheses, name), "w", encoding="utf-8") as file:
                     file.writelines(f"{k}\t{' '.join(t.split())}\n" for k, t in result["hypotheses"].items())
             report.append({"data": path, "num_beams": args.num_beams, "no_repeat_ngram_size": ngram,
