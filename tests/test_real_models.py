@@ -18,9 +18,9 @@ from speechllm.quantization import quantize_llm_int8
 
 SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: these tests run in CI
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The shipped projector reads the audio but loops on these clips (README: 202.7%, mostly insertions): this
-# guards the pipeline and that figure, and must come down as the projector is trained further.
-SHIPPED_PROJECTOR_MAX_WER = 0.45  # measured 37.84% (beam 4): a regression guard, not a target
+# The demo runs the shipped error-correction model (Whisper's 5-best and the audio, beam 4): this guards the pipeline
+# and its figure (README: Measured), and must come down as the models are trained further.
+SHIPPED_DEMO_MAX_WER = 0.25  # measured 16.22% (the recognition model alone: 37.84%): a regression guard, not a target
 # Greedy on LJ001-0080 alone.
 SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER = 0.5
 
@@ -93,7 +93,7 @@ def test_the_shipped_model_loads_offline_in_one_line(offline):
 
 
 def test_the_offline_demo_transcribes_the_example_speech(tmp_path, monkeypatch, capsys, offline):
-    """The README's main job: the shipped projector on models from PyPI packages, no network."""
+    """The README's main job: the shipped error-correction model on models from PyPI packages, no network."""
     monkeypatch.setenv("RESULT_PATH", str(tmp_path / "hypotheses.txt"))
     monkeypatch.setattr("sys.argv", ["demo.py"])
     spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
@@ -104,5 +104,5 @@ def test_the_offline_demo_transcribes_the_example_speech(tmp_path, monkeypatch, 
     assert [row[0] for row in rows] == [e.key for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))]
     assert all(len(row) == 2 and len(row[1].split()) >= 3 for row in rows), rows  # no empty or cut answers
     wer = float((tmp_path / "hypotheses.txt.wer").read_text().split()[1].rstrip("%")) / 100
-    assert wer < SHIPPED_PROJECTOR_MAX_WER
+    assert wer < SHIPPED_DEMO_MAX_WER
     assert "WER" in capsys.readouterr().out
