@@ -3,7 +3,9 @@
 # audio in the prompt of SmolLM2-135M-Instruct, which writes the corrected transcript (Whispering-LLaMA's task).
 #   1. cache Whisper's 5-best of every training clip once (about 1 s of one core a clip; rerun to continue);
 #   2. from the shipped recognition model (its aligned projector and LoRA), train for error correction: --nbest on
-#      a recognition model switches it to the n-best prompt (speechllm/nbest.py).
+#      a recognition model switches it to the n-best prompt (speechllm/nbest.py);
+#   3. 200 more steps with the ALL-CAPS targets (speechocean762, LibriSpeech: 82% of train/) in sentence case, as
+#      Whisper writes its hypotheses, so that copying the best hypothesis is a target the model can learn.
 # GER_AUDIO=false trains the text-only ablation (the n-best alone, no audio positions).
 # Interrupt it at any time: run it again and it resumes.
 # The shipped run (session 4): `NBEST_DATA=runs/train_nbest.jsonl examples/train_tiny_en_smollm2_ger.sh --bf16` on
@@ -29,4 +31,22 @@ python train.py \
     --learning_rate 2e-4 --lr_scheduler_type cosine --warmup_steps 30 --max_steps 700 \
     --logging_steps 10 --save_steps 50 --save_total_limit 2 \
     --use_cpu --report_to none --seed 0 \
+    "$@"
+
+CASED=${NBEST_DATA%.jsonl}_cased.jsonl
+python - "$NBEST_DATA" "$CASED" <<'PY'
+import json, sys
+with open(sys.argv[1]) as source, open(sys.argv[2], "w") as out:
+    for row in map(json.loads, source):
+        out.write(json.dumps(row | {"txt": row["txt"].capitalize() if row["txt"].isupper() else row["txt"]}) + "\n")
+PY
+python train.py \
+    --projector_model_path "$OUT" \
+    --data_path "$CASED" \
+    --output_dir "${OUT}_cased" \
+    --per_device_train_batch_size 8 --weight_decay 0.0 \
+    --train_sampling_strategy group_by_length \
+    --learning_rate 1e-4 --lr_scheduler_type cosine --warmup_steps 10 --max_steps 200 \
+    --logging_steps 10 --save_steps 50 --save_total_limit 2 \
+    --use_cpu --report_to none --seed 1 \
     "$@"
