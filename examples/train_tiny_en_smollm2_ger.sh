@@ -4,8 +4,9 @@
 #   1. cache Whisper's 5-best of every training clip once (about 1 s of one core a clip; rerun to continue);
 #   2. from the shipped recognition model (its aligned projector and LoRA), train for error correction: --nbest on
 #      a recognition model switches it to the n-best prompt (speechllm/nbest.py);
-#   3. 200 more steps with the ALL-CAPS targets (speechocean762, LibriSpeech: 82% of train/) in sentence case, as
-#      Whisper writes its hypotheses, so that copying the best hypothesis is a target the model can learn.
+#   3. 200 more steps with the ALL-CAPS targets (speechocean762, LibriSpeech: 82% of train/) read in sentence case
+#      (--recase_all_caps), as Whisper writes its hypotheses, so that copying the best hypothesis is a target the
+#      model can learn. (The shipped run wrote a recased copy of the jsonl instead: the same targets.)
 # GER_AUDIO=false trains the text-only ablation (the n-best alone, no audio positions).
 # Interrupt it at any time: run it again and it resumes.
 # The shipped run (session 4): `NBEST_DATA=runs/train_nbest.jsonl examples/train_tiny_en_smollm2_ger.sh --bf16` on
@@ -37,16 +38,9 @@ python train.py \
     --seed 0 \
     "$@"
 
-CASED=${NBEST_DATA%.jsonl}_cased.jsonl
-python - "$NBEST_DATA" "$CASED" <<'PY'
-import json, sys
-with open(sys.argv[1]) as source, open(sys.argv[2], "w") as out:
-    for row in map(json.loads, source):
-        out.write(json.dumps(row | {"txt": row["txt"].capitalize() if row["txt"].isupper() else row["txt"]}) + "\n")
-PY
 python train.py \
     --projector_model_path "$OUT" \
-    --data_path "$CASED" \
+    --data_path "$NBEST_DATA" --recase_all_caps \
     --output_dir "${OUT}_cased" \
     "${COMMON[@]}" \
     --learning_rate 1e-4 --lr_scheduler_type cosine --warmup_steps 10 --max_steps 200 \

@@ -90,9 +90,21 @@ def load_example_audio(example: Example):
         return load_audio(example.wav)
 
 
+def sentence_case(text: str) -> str:
+    """ALL-CAPS text (LibriSpeech, speechocean762) in sentence case, as Whisper and most written text are; any other
+    text as it is. An LLM spells capitals with several times the tokens, and an error-correction model can only learn
+    to copy the right hypothesis if the target is written as the hypotheses are."""
+    return text.capitalize() if text.isupper() else text
+
+
 class SpeechDataset(torch.utils.data.Dataset):
-    def __init__(self, path: str, require_text: bool = True, require_transcript: bool = False):
+    def __init__(
+        self, path: str, require_text: bool = True, require_transcript: bool = False, recase_all_caps: bool = False
+    ):
         self.examples = read_jsonl(path, require_text, require_transcript)
+        if recase_all_caps:
+            for example in self.examples:
+                example.txt = example.txt and sentence_case(example.txt)
 
     def __len__(self):
         return len(self.examples)

@@ -67,6 +67,10 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(metadata={"help": 'training jsonl: {"wav", "txt", "key"?, "prompt"?, "transcript"?} a line'})
     eval_data_path: str | None = field(default=None, metadata={"help": "jsonl for evaluation loss"})
+    recase_all_caps: bool = field(
+        default=False,
+        metadata={"help": "read ALL-CAPS txt in sentence case as Whisper writes (data.sentence_case); files unchanged"},
+    )
 
 
 @dataclass
@@ -235,7 +239,9 @@ def main(argv: list[str] | None = None):
 
     # Every line is checked before the models load, and the resume point found: an interrupted run picks up from
     # its newest complete checkpoint.
-    dataset = functools.partial(SpeechDataset, require_transcript=distill_args.enabled)
+    dataset = functools.partial(
+        SpeechDataset, require_transcript=distill_args.enabled, recase_all_caps=data_args.recase_all_caps
+    )
     train_data = dataset(data_args.data_path)
     eval_data = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     if training_args.train_sampling_strategy == "group_by_length":

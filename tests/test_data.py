@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from tiny_models import write_tone
 
-from speechllm.data import Collator, DataError, SpeechDataset, read_jsonl
+from speechllm.data import Collator, DataError, SpeechDataset, read_jsonl, sentence_case
 
 
 @pytest.fixture
@@ -63,6 +63,21 @@ def test_a_missing_jsonl_is_named(folder):
 def test_text_is_optional_for_recognition(folder):
     path = write(folder, '{"wav": "a.wav"}')
     assert read_jsonl(path, require_text=False)[0].txt is None
+
+
+def test_recase_all_caps_sentence_cases_only_all_caps_targets(folder):
+    path = write(
+        folder,
+        '{"wav": "a.wav", "txt": "THE CAT\'S HAT, MR SMITH"}',
+        '{"wav": "a.wav", "txt": "Keep an eye on NASA"}',
+        '{"wav": "a.wav", "txt": "5766"}',
+        '{"wav": "a.wav", "txt": "SPOKEN", "transcript": "SPOKEN WORDS"}',
+    )
+    recased = [e["txt"] for e in SpeechDataset(path, recase_all_caps=True)]
+    assert recased == ["The cat's hat, mr smith", "Keep an eye on NASA", "5766", "Spoken"]
+    assert SpeechDataset(path, recase_all_caps=True)[3]["transcript"] == "SPOKEN WORDS"  # what the teacher reads
+    assert [e["txt"] for e in SpeechDataset(path)][0] == "THE CAT'S HAT, MR SMITH"  # off by default
+    assert sentence_case("ÉTÉ À PARIS") == "Été à paris"
 
 
 def test_corrupt_audio_names_file_and_line(folder):
