@@ -26,6 +26,7 @@ from .nbest import DEFAULT_NBEST_PROMPT, decoder_for, error_correction_batch
 from .packaged_models import resolve as resolve_packaged
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
+from .rescoring import GER_DECODINGS, rescore_batch
 
 # Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
 LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
@@ -57,6 +58,9 @@ class SpeechLLMConfig(PretrainedConfig):
         # a reply to a spoken question) are not as long as the audio
         nbest: int = 0,  # error correction (nbest.py): Whisper's N-best written into the prompt at <nbest>; 0: off
         ger_audio: bool = True,  # with nbest: the audio in the prompt too (False: the n-best text alone)
+        ger_decoding: str = "generate",  # with nbest: write the transcript, or "rescore": choose among Whisper's
+        # hypotheses by the LLM's and Whisper's log-probabilities (rescoring.py)
+        rescore_whisper_weight: float = 1.0,  # "rescore": the weight of Whisper's log-probability beside the LLM's
         **kwargs,
     ):
         self.whisper_model_name_or_path = whisper_model_name_or_path
@@ -75,6 +79,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.lora_target_modules = lora_target_modules
         self.answer_max_new_tokens = answer_max_new_tokens
         self.nbest, self.ger_audio = nbest, ger_audio
+        self.ger_decoding, self.rescore_whisper_weight = ger_decoding, rescore_whisper_weight
         super().__init__(**kwargs)
 
 
@@ -147,6 +152,8 @@ class SpeechLLM(PreTrainedModel):
         self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
         self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)
         self.whisper_decoder = decoder_for(config, dtype)  # error correction only
+        if config.ger_decoding not in GER_DECODINGS:
+            raise InputError(f"ger_decoding must be one of {', '.join(GER_DECODINGS)}, not {config.ger_decoding!r}")
         dims = {"encoder_dim": self.encoder.dims.n_audio_state, "hidden_size": self.llm.config.hidden_size}
         for name, size in dims.items():
             if getattr(config, name) not in (None, size):
@@ -245,6 +252,11 @@ class SpeechLLM(PreTrainedModel):
         max_new_tokens = max_new_tokens or budget
         options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
         prompts = prompts or [None] * len(audios)
+        if self.config.nbest and self.config.ger_decoding == "rescore":  # nothing generated: no loop, no budget
+            texts = rescore_batch(self, audios, prompts, nbest or [None] * len(audios))
+            seconds = (time.perf_counter() - started) / len(audios)
+            encode = self.processor._encode
+            return [Hypothesis(text, encode(text), True, None, seconds) for text in texts]
         if self.config.nbest:
             batch = error_correction_batch(self, audios, prompts, nbest)
         else:

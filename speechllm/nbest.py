@@ -46,6 +46,11 @@ class WhisperDecoder(nn.Module):
             dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer
         )
 
+    def decoding_task(self, beam_size: int | None = None) -> whisper.decoding.DecodingTask:
+        """openai-whisper's decoding of English text without timestamps: its tokenizer, prompt and token filters."""
+        options = whisper.DecodingOptions(language="en", without_timestamps=True, beam_size=beam_size, fp16=False)
+        return whisper.decoding.DecodingTask(self, options)
+
     @torch.no_grad()
     def forward(self, features: torch.Tensor, beam_size: int) -> list[list[str]]:
         """Each window's distinct beam-search hypotheses, best first, from encoder features (windows, n_audio_ctx,
@@ -55,8 +60,7 @@ class WhisperDecoder(nn.Module):
         as the tokens are (run, in 20250625, repeats the tokens only, so a batch of several windows fails in
         attention: 10 beams against 2 windows), and every finished beam is kept, not only the best.
         """
-        options = whisper.DecodingOptions(language="en", without_timestamps=True, beam_size=beam_size, fp16=False)
-        task = whisper.decoding.DecodingTask(self, options)
+        task = self.decoding_task(beam_size)
         task.decoder.reset()
         n_windows = len(features)
         tokens = torch.tensor([task.initial_tokens], device=features.device).repeat(n_windows * beam_size, 1)
@@ -153,6 +157,16 @@ def clip_nbest(decoder: WhisperDecoder, beam_size: int, features: torch.Tensor, 
     return clips
 
 
+def fill_missing_nbest(decoder: WhisperDecoder, beam_size: int, nbest: list, features, counts: list[int]) -> list:
+    """nbest with each None replaced by its clip's hypotheses, decoded from the clips' window features."""
+    starts, missing = np.cumsum([0] + counts), [i for i, hypotheses in enumerate(nbest) if hypotheses is None]
+    if missing:
+        own = torch.cat([features[starts[i] : starts[i + 1]] for i in missing])
+        for i, hypotheses in zip(missing, clip_nbest(decoder, beam_size, own, [counts[i] for i in missing])):
+            nbest[i] = hypotheses
+    return nbest
+
+
 def decode_nbest(encoder, decoder: WhisperDecoder, beam_size: int, audios: list[np.ndarray]):
     """Each clip's n-best (clip_nbest) and the window features it was decoded from."""
     features, counts = window_features(encoder, audios, next(decoder.parameters()).device)
@@ -165,17 +179,14 @@ def error_correction_batch(model, audios, prompts, nbest=None) -> dict:
     config = model.config
     nbest = list(nbest) if nbest is not None else [None] * len(audios)
     missing = [i for i, hypotheses in enumerate(nbest) if hypotheses is None]
-    share, decoded = config.ger_audio and config.audio_mode == "window", []
+    share = config.ger_audio and config.audio_mode == "window"
     if share:  # every clip's features, for the projector; the decoder reads those of the clips without n-best
         features, counts = window_features(model.encoder, audios, next(model.whisper_decoder.parameters()).device)
-        starts = np.cumsum([0] + counts)
-        if missing:
-            own = torch.cat([features[starts[i] : starts[i + 1]] for i in missing])
-            decoded = clip_nbest(model.whisper_decoder, config.nbest, own, [counts[i] for i in missing])
+        nbest = fill_missing_nbest(model.whisper_decoder, config.nbest, nbest, features, counts)
     elif missing:
         decoded, _ = decode_nbest(model.encoder, model.whisper_decoder, config.nbest, [audios[i] for i in missing])
-    for i, hypotheses in zip(missing, decoded):
-        nbest[i] = hypotheses
+        for i, hypotheses in zip(missing, decoded):
+            nbest[i] = hypotheses
     batch = model.processor(*error_correction_inputs(config, audios, prompts, nbest))
     if share:
         batch["audio_features"] = features

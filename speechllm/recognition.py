@@ -18,6 +18,7 @@ from .inputs import input_seconds, load_input_audio, read_inputs
 from .metrics import error_rate, format_error_rate
 from .model import MODEL_DTYPES, SpeechLLM
 from .quantization import quantize_llm_int8
+from .rescoring import GER_DECODINGS
 from .results import FORMATS, PartialResults, ResultsError, format_lines, result_format, write_whole
 
 
@@ -47,6 +48,17 @@ class RecognizeArguments:
     model_dtype: str | None = field(default=None, metadata={"choices": [None, *MODEL_DTYPES]})
     audio_mode: str | None = field(default=None, metadata={"choices": [None, "dynamic", "window"]})
     prompt: str | None = field(default=None, metadata={"help": "override the saved prompt (a line's own wins)"})
+    ger_decoding: str | None = field(
+        default=None,
+        metadata={
+            "choices": [None, *GER_DECODINGS],
+            "help": "error correction: generate the transcript, or rescore (choose among Whisper's hypotheses); "
+            "default: the saved one",
+        },
+    )
+    rescore_whisper_weight: float | None = field(
+        default=None, metadata={"help": "rescore: the weight of Whisper's log-probability; default: the saved one"}
+    )
     num_beams: int = field(default=4, metadata={"help": "1 is greedy"})
     batch_size: int = 8
     max_new_tokens: int | None = field(
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 llm_model_name_or_path=args.llm_model_name_or_path,
                 model_dtype=args.model_dtype,
                 audio_mode=args.audio_mode,
+                ger_decoding=args.ger_decoding,
+                rescore_whisper_weight=args.rescore_whisper_weight,
             )
         model.to(state.device)
         if args.llm_int8:

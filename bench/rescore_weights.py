@@ -1,0 +1,77 @@
+"""Error correction by choosing (speechllm/rescoring.py): WER at each weight of Whisper's log-probability beside the
+LLM's, from one scoring pass, with Whisper's 1-best and the oracle beside them.
+
+    python bench/rescore_weights.py examples/tiny_en_smollm2_ger dev_nbest.jsonl dev_ood_nbest.jsonl \
+        --weights 0 0.5 1 2 4 --scores scores.json
+
+Each line's cached "nbest" is used where there is one (examples/make_error_correction_data.py); Whisper's n-best is
+decoded elsewhere. The scores go to --scores, and a rerun with --scores reads them instead of scoring again.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from speechllm import SpeechLLM
+from speechllm.data import load_example_audio, read_jsonl
+from speechllm.metrics import error_rate, format_error_rate
+from speechllm.rescoring import choose, hypothesis_scores
+
+
+def score_file(model, path, batch_size, limit) -> list[dict]:
+    """For each line: its key, reference, the hypotheses its prompt shows and both models' scores of them."""
+    examples = read_jsonl(path)[:limit]
+    rows, start = [], time.perf_counter()
+    for first in range(0, len(examples), batch_size):
+        chunk = examples[first : first + batch_size]
+        with torch.no_grad():
+            scores = hypothesis_scores(
+                model, [load_example_audio(e) for e in chunk], [e.prompt for e in chunk], [e.nbest for e in chunk]
+            )
+        for example, (texts, llm, own) in zip(chunk, zip(*scores)):
+            rows.append({"key": example.key, "txt": example.txt, "texts": texts, "llm": llm, "whisper": own})
+    print(f"{path}: {len(rows)} clips scored in {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def word_errors(reference: str, hypothesis: str) -> int:
+    result = error_rate([reference], [hypothesis])
+    return result["substitutions"] + result["deletions"] + result["insertions"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="an error-correction model (nbest > 0), as save_pretrained writes it")
+    parser.add_argument("data", nargs="+", help="jsonl files with references")
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="only the first N lines of each file")
+    parser.add_argument("--scores", help="a json file of the scores: read if it exists, else written")
+    args = parser.parse_args()
+
+    if args.scores and os.path.exists(args.scores):
+        with open(args.scores, encoding="utf-8") as file:
+            scored = json.load(file)
+    else:
+        model = SpeechLLM.from_pretrained(args.model).eval()
+        scored = {path: score_file(model, path, args.batch_size, args.limit) for path in args.data}
+        if args.scores:
+            with open(args.scores, "w", encoding="utf-8") as file:
+                json.dump(scored, file)
+    for path, rows in scored.items():
+        references = [row["txt"] for row in rows]
+        print(f"{path}: Whisper's 1-best {format_error_rate(error_rate(references, [r['texts'][0] for r in rows]))}")
+        oracle = [min(r["texts"], key=lambda text: word_errors(r["txt"], text)) for r in rows]
+        print(f"{path}: oracle {format_error_rate(error_rate(references, oracle))}")
+        for weight in args.weights:
+            chosen = [choose(r["texts"], r["llm"], r["whisper"], weight) for r in rows]
+            changed = sum(text != r["texts"][0] for text, r in zip(chosen, rows))
+            result = error_rate(references, chosen)
+            print(f"{path}: whisper weight {weight:g}: {format_error_rate(result)}; {changed} clips not the 1-best")
+
+
+if __name__ == "__main__":
+    main()

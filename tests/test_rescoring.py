@@ -1,0 +1,132 @@
+"""Error correction by choosing (speechllm/rescoring.py): both models' log-probabilities of Whisper's hypotheses, and
+the choice they make together."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import whisper
+from tiny_models import write_jsonl
+
+from speechllm import SpeechLLM, SpeechLLMConfig
+from speechllm.audio import SAMPLE_RATE
+from speechllm.data import load_example_audio, read_jsonl
+from speechllm.encoder import load_whisper_encoder
+from speechllm.errors import InputError
+from speechllm.nbest import error_correction_inputs, load_whisper_decoder, window_features
+from speechllm.packaged_models import whisper_tiny_en
+from speechllm.rescoring import choose, hypothesis_scores, llm_logprobs, whisper_logprobs
+from speechllm.whisper_formats import load_whisper_model
+
+EXAMPLE_JSONL = str(Path(__file__).resolve().parents[1] / "examples" / "audio" / "data.jsonl")
+NBEST = [["hello world", "yellow world", "hollow world"], ["one two three", "one to three"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    return whisper_tiny_en()
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [load_example_audio(e) for e in read_jsonl(EXAMPLE_JSONL)]
+
+
+@pytest.fixture
+def ger_model(tiny, tiny_en):
+    def make(**config):
+        torch.manual_seed(0)
+        models = dict(whisper_model_name_or_path=tiny_en, llm_model_name_or_path=tiny["qwen2"])
+        return SpeechLLM(SpeechLLMConfig(**models, projector_hidden_size=32, model_dtype="float32", nbest=3, **config))
+
+    return make
+
+
+def test_whisper_logprob_of_its_greedy_text_is_the_one_it_decoded_with(tiny_en, clips):
+    """Teacher-forced on Whisper's own greedy transcript, the score is whisper.decode's sum of log-probabilities
+    (its average over the tokens and the end of text); a word changed scores lower."""
+    encoder, decoder, full = load_whisper_encoder(tiny_en), load_whisper_decoder(tiny_en), load_whisper_model(tiny_en)
+    features, counts = window_features(encoder, clips, "cpu")
+    assert counts == [1] * len(clips)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=False)
+    results = [whisper.decode(full, window[None], options)[0] for window in features]
+    wrong = [" ".join(["banana", *result.text.split()[1:]]) for result in results]
+    scores = whisper_logprobs(decoder, features, [[r.text, w] for r, w in zip(results, wrong)])
+    for result, (own, other) in zip(results, scores):
+        assert own == pytest.approx(result.avg_logprob * (len(result.tokens) + 1), abs=1e-3), result.text
+        assert other < own - 1
+
+
+def test_whisper_logprobs_of_a_batch_are_those_of_each_window_alone(tiny_en, clips):
+    encoder, decoder = load_whisper_encoder(tiny_en), load_whisper_decoder(tiny_en)
+    features, _ = window_features(encoder, clips[:2], "cpu")
+    texts = [["a short one", "and a much longer text than the other one"], ["the middle"]]
+    together = whisper_logprobs(decoder, features, texts)
+    alone = [whisper_logprobs(decoder, features[i : i + 1], [texts[i]])[0] for i in range(2)]
+    np.testing.assert_allclose(np.concatenate(together), np.concatenate(alone), atol=1e-4)
+
+
+def test_llm_logprob_is_the_training_loss_and_batches_as_one_at_a_time(ger_model, clips):
+    model = ger_model()
+    audios = clips[:2]
+    together = llm_logprobs(model, audios, [None, None], NBEST)
+    alone = [llm_logprobs(model, [audio], [None], [nbest])[0] for audio, nbest in zip(audios, NBEST)]
+    assert [len(scores) for scores in together] == [3, 2]
+    np.testing.assert_allclose(np.concatenate(together), np.concatenate(alone), atol=1e-4)
+    # the sum of what training's mean cross-entropy averages, on the prompt that shows this clip's n-best
+    shown_audios, prompts = error_correction_inputs(model.config, audios[:1], [None], NBEST[:1])
+    batch = model.processor(shown_audios, prompts, [NBEST[0][1]])
+    with torch.no_grad():
+        loss = model(**batch).loss
+    answer_tokens = int((batch["labels"] != -100).sum())
+    assert together[0][1] == pytest.approx(-float(loss) * answer_tokens, rel=1e-4)
+
+
+def test_choice_follows_the_weighted_sum():
+    texts, llm, own = ["a", "b", "c"], [-5.0, -1.0, -3.0], [-1.0, -6.0, -2.0]
+    assert choose(texts, llm, own, 0.0) == "b"  # the LLM alone
+    assert choose(texts, llm, own, 100.0) == "a"  # Whisper alone
+    assert choose(texts, llm, own, 1.0) == "c"  # -6, -7, -5: neither model's own first choice
+    assert choose(texts, llm, None, 0.0) == "a"  # no Whisper score (several windows): Whisper's first
+
+
+def test_a_rescoring_model_transcribes_with_one_of_whispers_hypotheses(ger_model, clips, tmp_path):
+    rescoring = ger_model(ger_decoding="rescore", rescore_whisper_weight=0.5)
+    long_clip = np.concatenate([clips[0]] * int(np.ceil(31 * SAMPLE_RATE / len(clips[0]))))  # two windows
+    audios = [*clips[:2], long_clip]
+    nbest = [*NBEST, ["first of two windows", "second"]]
+    hypotheses = rescoring.decode_batch(audios, nbest=nbest)
+    texts, llm, own = hypothesis_scores(rescoring, audios, [None] * 3, nbest)
+    assert [h.text for h in hypotheses] == [choose(*scores, 0.5) for scores in zip(texts, llm, own)]
+    assert own[2] is None and hypotheses[2].text == "first of two windows"
+    assert all(h.finished for h in hypotheses)
+    assert hypotheses[0].token_ids == rescoring.tokenizer(hypotheses[0].text, add_special_tokens=False)["input_ids"]
+    decoded = rescoring.transcribe(clips[0])  # no cache: Whisper's own n-best, one of which is chosen
+    assert decoded in hypothesis_scores(rescoring, clips[:1], [None], [None])[0][0]
+    rescoring.save_pretrained(tmp_path)
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert (loaded.config.ger_decoding, loaded.config.rescore_whisper_weight) == ("rescore", 0.5)
+    with pytest.raises(InputError, match="ger_decoding must be one of generate, rescore"):
+        ger_model(ger_decoding="choose")
+
+
+def test_recognize_rescores_on_request_with_the_saved_model_unchanged(ger_model, tmp_path):
+    """--ger_decoding rescore on a model saved to generate: every result is one of its line's cached hypotheses."""
+    from speechllm.recognition import main as recognize
+
+    ger_model().save_pretrained(tmp_path / "model")
+    rows = [
+        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [e.txt.upper(), "no", e.txt]}
+        for e in read_jsonl(EXAMPLE_JSONL)
+    ]
+    jsonl = write_jsonl(str(tmp_path / "cached.jsonl"), rows)
+    result = tmp_path / "rescored.txt"
+    recognize(
+        ["--projector_model_path", str(tmp_path / "model"), jsonl, "--result_path", str(result)]
+        + ["--ger_decoding", "rescore", "--rescore_whisper_weight", "1"]
+    )
+    texts = dict(line.split("\t", 1) for line in result.read_text().splitlines())
+    assert list(texts) == [row["key"] for row in rows]
+    assert all(texts[row["key"]] in row["nbest"] for row in rows)
+    assert SpeechLLM.from_pretrained(tmp_path / "model").config.ger_decoding == "generate"
