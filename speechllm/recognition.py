@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm import tqdm
@@ -82,6 +83,12 @@ class RecognizeArguments:
 NOT_IN_SETTINGS = ("data_path", "result_path", "result_format", "batch_size", "metric")
 
 
+def process_state() -> PartialState:
+    """This process's place among torchrun's. Where torch sees no accelerator, accelerate counts the processes only
+    when told they run on the CPU: PartialState() alone makes every rank the main one, each decoding everything."""
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
 def process_share(seconds: list[float], process_index: int, num_processes: int) -> list[int]:
     """This process's clips: longest first (little padding, memory peaks at the start), dealt out in turn, so every
     process gets the same number of clips ±1 and about the same audio, not the longest block."""
@@ -93,7 +100,7 @@ def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, p
     """One result row ({key, text, duration, decoding_seconds, finished}) an example, in their order; each process
     decodes its share, and on_batch(rows) sees each batch's rows as soon as they are decoded. options: decode_batch's
     (no_repeat_ngram_size, repetition_penalty, ...)."""
-    state = PartialState()
+    state = process_state()
     mine = process_share([input_seconds(e) for e in examples], state.process_index, state.num_processes)
     rows = []
     for start in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="recognize"):
@@ -130,7 +137,7 @@ def parse(argv: list[str]) -> tuple[RecognizeArguments, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args, inputs = parse(sys.argv[1:] if argv is None else argv)
-    state = PartialState()
+    state = process_state()
     with user_errors(DataError, OSError):
         examples = read_inputs(inputs)
     fmt = result_format(args.result_path, args.result_format)

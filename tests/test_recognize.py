@@ -207,14 +207,24 @@ def test_processes_get_clips_of_every_length_in_turn():
 def test_two_processes_split_the_work_and_merge_in_order(saved_model, tiny, tmp_path):
     _, model_dir = saved_model
 
+    # recognize.py, then where each process stood: on a CPU, accelerate's default made every rank the main one,
+    # each decoding every clip and writing the whole result (racing to rename it).
+    script = tmp_path / "recognize_and_report.py"
+    script.write_text(
+        "import sys\nfrom speechllm.recognition import main, process_state\nmain(sys.argv[1:])\n"
+        "print(f'process {process_state().process_index} of {process_state().num_processes}')\n"
+    )
+
     def torchrun(processes, result_path):
         # Both runs launched alike, one thread a process, so a near-tie of the random model cannot tip differently.
         args = ["--projector_model_path", model_dir, "--data_path", tiny["jsonl"], "--result_path", result_path]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        command = [str(part) for part in command + [REPO / "recognize.py"] + args + ["--num_beams", "1"]]
+        command = [str(part) for part in command + [script] + args + ["--num_beams", "1"]]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        reports = sorted(line for line in run.stdout.splitlines() if line.startswith("process "))
+        assert reports == [f"process {i} of {processes}" for i in range(processes)], run.stdout
         return read_results(result_path)
 
     two = torchrun(2, tmp_path / "two.txt")
