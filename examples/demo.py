@@ -1,6 +1,6 @@
 """Offline demo: transcribe speech with the shipped error-correction model (Whisper tiny.en's 5-best and the audio
-into SmolLM2, which writes the transcript: the best of the shipped models, README: Measured) and models that PyPI
-packages carry.
+into SmolLM2, which chooses among them with Whisper: the best of the shipped models, README: Measured) and models
+that PyPI packages carry.
 
     python examples/demo.py                      # the LJSpeech clips in examples/audio, with their references
     python examples/demo.py my_data.jsonl        # any jsonl of {"wav", "txt"?} lines
@@ -23,18 +23,7 @@ PROJECTOR = HERE / "tiny_en_smollm2_ger"  # the best model measured (README: Mea
 def main():
     data = sys.argv[1] if len(sys.argv) > 1 else str(HERE / "audio" / "data.jsonl")
     result_path = os.environ.get("RESULT_PATH", "runs/demo/hypotheses.txt")
-    recognize(
-        [
-            "--projector_model_path",
-            str(PROJECTOR),
-            "--data_path",
-            data,
-            "--result_path",
-            result_path,
-            "--num_beams",
-            "4",
-        ]
-    )
+    recognize(["--projector_model_path", str(PROJECTOR), "--data_path", data, "--result_path", result_path])
     print(open(result_path).read(), end="")
 
 

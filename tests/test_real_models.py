@@ -18,9 +18,10 @@ from speechllm.quantization import quantize_llm_int8
 
 SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: these tests run in CI
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The demo runs the shipped error-correction model (Whisper's 5-best and the audio, beam 4): this guards the pipeline
-# and its figure (README: Measured), and must come down as the models are trained further.
-SHIPPED_DEMO_MAX_WER = 0.2  # measured 8.11%, some runs 10.81% (recognition model alone: 37.84%): a guard, not a target
+# The demo runs the shipped error-correction model, choosing among Whisper's 5-best (README: Measured): the issue's
+# goal for these clips, 10%, is the guard. Measured 8.11%, with wide score margins (generating: 8.11%, some runs
+# 10.81%; the recognition model alone: 37.84%).
+SHIPPED_DEMO_MAX_WER = 0.1
 # Greedy on LJ001-0080 alone.
 SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER = 0.5
 
