@@ -17,13 +17,8 @@ from whisper.normalizers import EnglishTextNormalizer
 from speechllm.audio import ENCODER_STRIDE, SAMPLE_RATE, log_mel_batch
 from speechllm.data import load_example_audio, read_jsonl
 from speechllm.encoder import load_whisper_encoder
-from speechllm.metrics import error_rate, format_error_rate
+from speechllm.metrics import error_rate, format_error_rate, word_errors
 from speechllm.nbest import decode_nbest, load_whisper_decoder
-
-
-def word_errors(reference: str, hypothesis: str) -> int:
-    result = error_rate([reference], [hypothesis])
-    return result["substitutions"] + result["deletions"] + result["insertions"]
 
 
 def decode(args, examples):

@@ -2,7 +2,7 @@
 LLM's, from one scoring pass, with Whisper's 1-best and the oracle beside them.
 
     python bench/rescore_weights.py examples/tiny_en_smollm2_ger dev_nbest.jsonl dev_ood_nbest.jsonl \
-        --weights 0 0.5 1 2 4 --scores scores.json
+        --weights 0 1 2 3 5 10 1000 --scores scores.json
 
 Each line's cached "nbest" is used where there is one (examples/make_error_correction_data.py); Whisper's n-best is
 decoded elsewhere. The scores go to --scores, and a rerun with --scores reads them instead of scoring again.
@@ -17,7 +17,7 @@ import torch
 
 from speechllm import SpeechLLM
 from speechllm.data import load_example_audio, read_jsonl
-from speechllm.metrics import error_rate, format_error_rate
+from speechllm.metrics import error_rate, format_error_rate, word_errors
 from speechllm.rescoring import choose, hypothesis_scores
 
 
@@ -37,26 +37,22 @@ def score_file(model, path, batch_size, limit) -> list[dict]:
     return rows
 
 
-def word_errors(reference: str, hypothesis: str) -> int:
-    result = error_rate([reference], [hypothesis])
-    return result["substitutions"] + result["deletions"] + result["insertions"]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="an error-correction model (nbest > 0), as save_pretrained writes it")
+    parser.add_argument("model", help="an error-correction model (nbest > 0), or any with --nbest")
     parser.add_argument("data", nargs="+", help="jsonl files with references")
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 1000.0])
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="only the first N lines of each file")
     parser.add_argument("--scores", help="a json file of the scores: read if it exists, else written")
+    parser.add_argument("--nbest", type=int, help="for a recognition model: score Whisper's N-best against the audio")
     args = parser.parse_args()
 
     if args.scores and os.path.exists(args.scores):
         with open(args.scores, encoding="utf-8") as file:
             scored = json.load(file)
     else:
-        model = SpeechLLM.from_pretrained(args.model).eval()
+        model = SpeechLLM.from_pretrained(args.model, nbest=args.nbest, ger_decoding="rescore").eval()
         scored = {path: score_file(model, path, args.batch_size, args.limit) for path in args.data}
         if args.scores:
             with open(args.scores, "w", encoding="utf-8") as file:

@@ -36,6 +36,12 @@ def error_rate(references: list[str], hypotheses: list[str], metric: str = "wer"
     }
 
 
+def word_errors(reference: str, hypothesis: str) -> int:
+    """Substitutions, deletions and insertions of one hypothesis, normalised as error_rate does."""
+    result = error_rate([reference], [hypothesis])
+    return result["substitutions"] + result["deletions"] + result["insertions"]
+
+
 def format_error_rate(result: dict) -> str:
     metric = "wer" if "wer" in result else "cer"
     return (

@@ -148,12 +148,14 @@ class SpeechLLM(PreTrainedModel):
 
     def __init__(self, config: SpeechLLMConfig):
         super().__init__(config)
+        if config.ger_decoding not in GER_DECODINGS:
+            raise InputError(f"ger_decoding must be one of {', '.join(GER_DECODINGS)}, not {config.ger_decoding!r}")
+        if config.ger_decoding == "rescore" and not config.nbest:
+            raise InputError("ger_decoding 'rescore' chooses among Whisper's n-best: it needs nbest > 0")
         dtype = torch_dtype(config.model_dtype)
         self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
         self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)
         self.whisper_decoder = decoder_for(config, dtype)  # error correction only
-        if config.ger_decoding not in GER_DECODINGS:
-            raise InputError(f"ger_decoding must be one of {', '.join(GER_DECODINGS)}, not {config.ger_decoding!r}")
         dims = {"encoder_dim": self.encoder.dims.n_audio_state, "hidden_size": self.llm.config.hidden_size}
         for name, size in dims.items():
             if getattr(config, name) not in (None, size):
@@ -252,11 +254,14 @@ class SpeechLLM(PreTrainedModel):
         max_new_tokens = max_new_tokens or budget
         options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
         prompts = prompts or [None] * len(audios)
-        if self.config.nbest and self.config.ger_decoding == "rescore":  # nothing generated: no loop, no budget
-            texts = rescore_batch(self, audios, prompts, nbest or [None] * len(audios))
+        if self.config.ger_decoding == "rescore":  # nothing generated: no loop, no token budget
+            chosen = rescore_batch(self, audios, prompts, nbest or [None] * len(audios))
             seconds = (time.perf_counter() - started) / len(audios)
-            encode = self.processor._encode
-            return [Hypothesis(text, encode(text), True, None, seconds) for text in texts]
+            hypotheses = []
+            for text, logprob in chosen:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                hypotheses.append(Hypothesis(text, ids, True, logprob / (len(ids) + 1), seconds))  # + its end
+            return hypotheses
         if self.config.nbest:
             batch = error_correction_batch(self, audios, prompts, nbest)
         else:

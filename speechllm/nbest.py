@@ -100,7 +100,8 @@ def decoder_for(config, dtype: torch.dtype) -> WhisperDecoder | None:
         return None
     if config.nbest < 1:
         raise ValueError(f"nbest must be 0 (plain recognition) or the number of hypotheses, not {config.nbest}")
-    check_template(config.prompt)
+    if config.ger_decoding != "rescore":  # choosing may score the hypotheses against the audio alone (below)
+        check_template(config.prompt)
     return load_whisper_decoder(config.whisper_model_name_or_path, dtype)
 
 
@@ -128,12 +129,24 @@ def distinct_hypotheses(hypotheses: list[str]) -> list[str]:
     return list(words.values())
 
 
+def shows_nbest(config, template: str) -> bool:
+    """Whether a prompt lists the n-best: always for a model that writes the transcript; one that only chooses among
+    them (ger_decoding "rescore") may also score them against the audio alone, as a recognition model reads it."""
+    if config.ger_decoding == "rescore" and NBEST_PLACEHOLDER not in template:
+        return False
+    check_template(template)
+    return True
+
+
 def error_correction_inputs(config, audios, prompts, nbest):
-    """What the Processor gets for a GER model: prompts with each clip's first N hypotheses that differ in words,
-    audio only if used."""
+    """What the Processor gets for a GER model: prompts with each clip's first N hypotheses that differ in words
+    (where the prompt lists them), audio only if used."""
+    templates = [prompt or config.prompt for prompt in prompts]
     prompts = [
-        render_prompt(prompt or config.prompt, distinct_hypotheses(hypotheses)[: config.nbest])
-        for prompt, hypotheses in zip(prompts, nbest)
+        render_prompt(template, distinct_hypotheses(hypotheses)[: config.nbest])
+        if shows_nbest(config, template)
+        else template
+        for template, hypotheses in zip(templates, nbest)
     ]
     return (audios if config.ger_audio else [None] * len(audios)), prompts
 
@@ -158,7 +171,8 @@ def clip_nbest(decoder: WhisperDecoder, beam_size: int, features: torch.Tensor, 
 
 
 def fill_missing_nbest(decoder: WhisperDecoder, beam_size: int, nbest: list, features, counts: list[int]) -> list:
-    """nbest with each None replaced by its clip's hypotheses, decoded from the clips' window features."""
+    """A copy of nbest with each None replaced by its clip's hypotheses, decoded from the clips' window features."""
+    nbest = list(nbest)
     starts, missing = np.cumsum([0] + counts), [i for i, hypotheses in enumerate(nbest) if hypotheses is None]
     if missing:
         own = torch.cat([features[starts[i] : starts[i + 1]] for i in missing])

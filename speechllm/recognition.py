@@ -49,6 +49,13 @@ class RecognizeArguments:
     model_dtype: str | None = field(default=None, metadata={"choices": [None, *MODEL_DTYPES]})
     audio_mode: str | None = field(default=None, metadata={"choices": [None, "dynamic", "window"]})
     prompt: str | None = field(default=None, metadata={"help": "override the saved prompt (a line's own wins)"})
+    nbest: int | None = field(
+        default=None,
+        metadata={
+            "help": "with --ger_decoding rescore on a recognition model: choose among Whisper's N-best, scored "
+            "against the audio alone; default: the saved one"
+        },
+    )
     ger_decoding: str | None = field(
         default=None,
         metadata={
@@ -84,9 +91,9 @@ NOT_IN_SETTINGS = ("data_path", "result_path", "result_format", "batch_size", "m
 
 
 def process_state() -> PartialState:
-    """This process's place among torchrun's. Where torch sees no accelerator, accelerate counts the processes only
-    when told they run on the CPU: PartialState() alone makes every rank the main one, each decoding everything."""
-    return PartialState(cpu=not torch.accelerator.is_available())
+    """This process's place among torchrun's. Where torch sees no GPU, accelerate counts the processes only when told
+    they run on the CPU: PartialState() alone makes every rank the main one, each decoding everything."""
+    return PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
 
 
 def process_share(seconds: list[float], process_index: int, num_processes: int) -> list[int]:
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 llm_model_name_or_path=args.llm_model_name_or_path,
                 model_dtype=args.model_dtype,
                 audio_mode=args.audio_mode,
+                nbest=args.nbest,
                 ger_decoding=args.ger_decoding,
                 rescore_whisper_weight=args.rescore_whisper_weight,
             )

@@ -7,10 +7,13 @@ more than was said (README: Measured). Choosing cannot leave Whisper's n-best. H
     log P_llm(y | the GER prompt with the n-best and the audio) + rescore_whisper_weight * log P_whisper(y | x)
 
 each summed over the model's own tokens of y and its end token, both teacher-forced on the hypotheses the prompt
-shows. A weight of 0 trusts the LLM alone; a large one keeps Whisper's most probable hypothesis. Whisper scores a
-text against one 30 s window only, so a clip of several windows keeps its first hypothesis.
+shows. A weight of 0 trusts the LLM alone; a large one keeps the hypothesis of highest total log-probability under
+Whisper, which can differ from its first: its beam search ranks by the mean per token. Sums favour short texts,
+but an n-best's hypotheses are alike in length, and on dev sums chose better than means (README: Measured).
+Whisper scores a text against one 30 s window only, so a clip of several windows keeps its first hypothesis.
 """
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -22,18 +25,28 @@ GER_DECODINGS = ("generate", "rescore")
 @torch.no_grad()
 def whisper_logprobs(decoder, features: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
     """log P(text and end of text | window) under Whisper's decoder, for each window's texts: the score its beam
-    search gives the same tokens (with the tokens it never writes suppressed, and no blank first)."""
+    search gives the same tokens, whose filters rule out some tokens (non-speech symbols, a blank start) and spread
+    their probability over the rest. A text re-tokenised into one of those (a quote, a colon) keeps its own
+    probability there instead of none."""
     task = decoder.decoding_task()
     tokenizer, prefix = task.tokenizer, list(task.initial_tokens)
-    rows = [(w, prefix + tokenizer.encode(" " + t) + [tokenizer.eot]) for w, window in enumerate(texts) for t in window]
+    rows = [
+        (w, prefix + (tokenizer.encode(" " + text) if text else []) + [tokenizer.eot])
+        for w, window in enumerate(texts)
+        for text in window
+    ]
     if not rows:
         return [[] for _ in texts]
     length = max(len(ids) for _, ids in rows)
     tokens = torch.tensor([ids + [tokenizer.eot] * (length - len(ids)) for _, ids in rows], device=features.device)
+    targets = tokens[:, 1:]
     logits = decoder.decoder(tokens, features[[w for w, _ in rows]])[:, :-1].float()
-    logits[..., list(task._get_suppress_tokens())] = -torch.inf  # as its SuppressTokens filter does
-    logits[:, len(prefix) - 1, tokenizer.encode(" ") + [tokenizer.eot]] = -torch.inf  # and SuppressBlank
-    picked = logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    ruled_out = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)  # (position, vocabulary)
+    ruled_out[:, list(task._get_suppress_tokens())] = True  # its SuppressTokens filter
+    ruled_out[len(prefix) - 1, tokenizer.encode(" ") + [tokenizer.eot]] = True  # and SuppressBlank
+    vocabulary = torch.arange(logits.shape[-1], device=logits.device)
+    logits = logits.masked_fill(ruled_out & (vocabulary != targets[..., None]), -torch.inf)
+    picked = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
     position = torch.arange(length - 1, device=tokens.device)
     lengths = torch.tensor([len(ids) for _, ids in rows], device=tokens.device)
     scored = (position >= len(prefix) - 1) & (position < lengths[:, None] - 1)  # the text's tokens and its end
@@ -85,10 +98,10 @@ def hypothesis_scores(model, audios, prompts, nbest):
     (Whisper's None for a clip of several windows). nbest: cached lists, or None a clip to decode."""
     config, decoder = model.config, model.whisper_decoder
     features, counts = window_features(model.encoder, audios, next(decoder.parameters()).device)
-    nbest = fill_missing_nbest(decoder, config.nbest, list(nbest), features, counts)
+    nbest = fill_missing_nbest(decoder, config.nbest, nbest, features, counts)
     shown = [distinct_hypotheses(hypotheses)[: config.nbest] for hypotheses in nbest]
     single = [i for i, count in enumerate(counts) if count == 1]
-    first_windows = [sum(counts[:i]) for i in single]
+    first_windows = [int(start) for start in np.cumsum([0] + counts)[single]]
     whisper_scores = [None] * len(audios)
     for i, scores in zip(single, whisper_logprobs(decoder, features[first_windows], [shown[i] for i in single])):
         whisper_scores[i] = scores
@@ -103,7 +116,11 @@ def choose(texts: list[str], llm_scores: list[float], whisper_scores: list[float
     return texts[max(range(len(texts)), key=total.__getitem__)]
 
 
-def rescore_batch(model, audios, prompts, nbest) -> list[str]:
-    """Each clip's best hypothesis by the combined score, at the model's rescore_whisper_weight."""
-    weight = model.config.rescore_whisper_weight
-    return [choose(*scores, weight) for scores in zip(*hypothesis_scores(model, audios, prompts, nbest))]
+def rescore_batch(model, audios, prompts, nbest) -> list[tuple[str, float]]:
+    """Each clip's best hypothesis by the combined score, at the model's rescore_whisper_weight, with the LLM's
+    log-probability of it."""
+    weight, chosen = model.config.rescore_whisper_weight, []
+    for texts, llm, own in zip(*hypothesis_scores(model, audios, prompts, nbest)):
+        text = choose(texts, llm, own, weight)
+        chosen.append((text, llm[texts.index(text)]))
+    return chosen

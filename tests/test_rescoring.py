@@ -9,11 +9,12 @@ import torch
 import whisper
 from tiny_models import write_jsonl
 
-from speechllm import SpeechLLM, SpeechLLMConfig
+from speechllm import NBEST_PLACEHOLDER, SpeechLLM, SpeechLLMConfig
 from speechllm.audio import SAMPLE_RATE
 from speechllm.data import load_example_audio, read_jsonl
 from speechllm.encoder import load_whisper_encoder
 from speechllm.errors import InputError
+from speechllm.model import DEFAULT_PROMPT
 from speechllm.nbest import error_correction_inputs, load_whisper_decoder, window_features
 from speechllm.packaged_models import whisper_tiny_en
 from speechllm.rescoring import choose, hypothesis_scores, llm_logprobs, whisper_logprobs
@@ -38,7 +39,8 @@ def ger_model(tiny, tiny_en):
     def make(**config):
         torch.manual_seed(0)
         models = dict(whisper_model_name_or_path=tiny_en, llm_model_name_or_path=tiny["qwen2"])
-        return SpeechLLM(SpeechLLMConfig(**models, projector_hidden_size=32, model_dtype="float32", nbest=3, **config))
+        config = {"projector_hidden_size": 32, "model_dtype": "float32", "nbest": 3, **config}
+        return SpeechLLM(SpeechLLMConfig(**models, **config))
 
     return make
 
@@ -56,6 +58,9 @@ def test_whisper_logprob_of_its_greedy_text_is_the_one_it_decoded_with(tiny_en, 
     for result, (own, other) in zip(results, scores):
         assert own == pytest.approx(result.avg_logprob * (len(result.tokens) + 1), abs=1e-3), result.text
         assert other < own - 1
+    # texts its search would never write, an empty one and one re-tokenised into symbols it rules out, still score
+    odd = whisper_logprobs(decoder, features[:1], [["", "He said: 'hello' (twice)"]])[0]
+    assert all(np.isfinite(odd)) and all(score < scores[0][0] for score in odd), odd
 
 
 def test_whisper_logprobs_of_a_batch_are_those_of_each_window_alone(tiny_en, clips):
@@ -100,7 +105,7 @@ def test_a_rescoring_model_transcribes_with_one_of_whispers_hypotheses(ger_model
     texts, llm, own = hypothesis_scores(rescoring, audios, [None] * 3, nbest)
     assert [h.text for h in hypotheses] == [choose(*scores, 0.5) for scores in zip(texts, llm, own)]
     assert own[2] is None and hypotheses[2].text == "first of two windows"
-    assert all(h.finished for h in hypotheses)
+    assert all(h.finished and h.avg_logprob < 0 for h in hypotheses)
     assert hypotheses[0].token_ids == rescoring.tokenizer(hypotheses[0].text, add_special_tokens=False)["input_ids"]
     decoded = rescoring.transcribe(clips[0])  # no cache: Whisper's own n-best, one of which is chosen
     assert decoded in hypothesis_scores(rescoring, clips[:1], [None], [None])[0][0]
@@ -109,15 +114,18 @@ def test_a_rescoring_model_transcribes_with_one_of_whispers_hypotheses(ger_model
     assert (loaded.config.ger_decoding, loaded.config.rescore_whisper_weight) == ("rescore", 0.5)
     with pytest.raises(InputError, match="ger_decoding must be one of generate, rescore"):
         ger_model(ger_decoding="choose")
+    with pytest.raises(InputError, match="needs nbest > 0"):
+        ger_model(nbest=0, ger_decoding="rescore")
 
 
 def test_recognize_rescores_on_request_with_the_saved_model_unchanged(ger_model, tmp_path):
-    """--ger_decoding rescore on a model saved to generate: every result is one of its line's cached hypotheses."""
+    """--ger_decoding rescore on a model saved to generate: every result is one of its line's cached hypotheses, and
+    with Whisper's weight high, the clip's own words rather than the same words out of order."""
     from speechllm.recognition import main as recognize
 
     ger_model().save_pretrained(tmp_path / "model")
     rows = [
-        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [e.txt.upper(), "no", e.txt]}
+        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [" ".join(e.txt.split()[::-1]), e.txt]}
         for e in read_jsonl(EXAMPLE_JSONL)
     ]
     jsonl = write_jsonl(str(tmp_path / "cached.jsonl"), rows)
@@ -129,4 +137,40 @@ def test_recognize_rescores_on_request_with_the_saved_model_unchanged(ger_model,
     texts = dict(line.split("\t", 1) for line in result.read_text().splitlines())
     assert list(texts) == [row["key"] for row in rows]
     assert all(texts[row["key"]] in row["nbest"] for row in rows)
+    recognize(
+        ["--projector_model_path", str(tmp_path / "model"), jsonl, "--result_path", str(tmp_path / "whisper.txt")]
+        + ["--ger_decoding", "rescore", "--rescore_whisper_weight", "1000"]
+    )
+    texts = dict(line.split("\t", 1) for line in (tmp_path / "whisper.txt").read_text().splitlines())
+    assert texts == {row["key"]: row["txt"] for row in rows}
     assert SpeechLLM.from_pretrained(tmp_path / "model").config.ger_decoding == "generate"
+
+
+def test_a_recognition_model_chooses_by_the_audio_alone(ger_model, clips, tmp_path):
+    """nbest with a prompt that lists no hypotheses is for choosing only: each is scored as the recognition model's
+    answer to its own prompt, which generation refuses (it would never see the n-best)."""
+    chooser = ger_model(prompt=DEFAULT_PROMPT, ger_decoding="rescore")
+    scores = llm_logprobs(chooser, clips[:1], [None], NBEST[:1])[0]
+    batch = chooser.processor(clips[:1], [DEFAULT_PROMPT], [NBEST[0][2]])  # the plain recognition prompt
+    assert "hello" not in chooser.tokenizer.decode(batch["input_ids"][0])
+    with torch.no_grad():
+        loss = chooser(**batch).loss
+    assert scores[2] == pytest.approx(-float(loss) * int((batch["labels"] != -100).sum()), rel=1e-4)
+    with pytest.raises(ValueError, match=NBEST_PLACEHOLDER):
+        ger_model(prompt=DEFAULT_PROMPT)  # generating
+
+    from speechllm.recognition import main as recognize
+
+    ger_model(nbest=0).save_pretrained(tmp_path / "recognition")
+    # the first hypothesis: the clip's words backwards, as long as the right one but not what was said
+    rows = [
+        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [" ".join(e.txt.split()[::-1]), e.txt]}
+        for e in read_jsonl(EXAMPLE_JSONL)
+    ]
+    result = tmp_path / "chosen.txt"
+    recognize(
+        ["--projector_model_path", str(tmp_path / "recognition"), write_jsonl(str(tmp_path / "n.jsonl"), rows)]
+        + ["--result_path", str(result), "--nbest", "2", "--ger_decoding", "rescore"]
+    )
+    texts = dict(line.split("\t", 1) for line in result.read_text().splitlines())
+    assert all(texts[row["key"]] in row["nbest"] for row in rows)
