@@ -1,6 +1,6 @@
-"""Offline demo: transcribe speech with the shipped error-correction model (Whisper tiny.en's 5-best and the audio
-into SmolLM2, which chooses among them with Whisper: the best of the shipped models, README: Measured) and models
-that PyPI packages carry.
+"""Offline demo: transcribe speech with the best of the shipped models (README: Measured), the recognition model
+choosing among Whisper tiny.en's 5-best: each hypothesis scored by SmolLM2 reading the audio and by Whisper, on
+models that PyPI packages carry.
 
     python examples/demo.py                      # the LJSpeech clips in examples/audio, with their references
     python examples/demo.py my_data.jsonl        # any jsonl of {"wav", "txt"?} lines
@@ -17,7 +17,7 @@ from pathlib import Path
 from speechllm.recognition import main as recognize
 
 HERE = Path(__file__).resolve().parent
-PROJECTOR = HERE / "tiny_en_smollm2_ger"  # the best model measured (README: Measured)
+PROJECTOR = HERE / "tiny_en_smollm2_rescore"  # the best measured: tiny_en_smollm2's weights, choosing (its config)
 
 
 def main():
