@@ -1,10 +1,13 @@
-"""Error correction by choosing (config.ger_decoding="rescore"): each of Whisper's hypotheses scored by the GER
-model and by Whisper itself, the best one kept, nothing generated.
+"""Choosing among Whisper's n-best (config.ger_decoding="rescore"): each hypothesis scored by the model's LLM and
+by Whisper itself, the best one kept, nothing generated.
 
-A GER model that generates can rewrite a right hypothesis into fluent other words, and one that loops can write
-more than was said (README: Measured). Choosing cannot leave Whisper's n-best. Hypothesis y of clip x scores
+A model that generates can rewrite a right hypothesis into fluent other words, and one that loops can write more
+than was said (README: Measured). Choosing cannot leave Whisper's n-best. Hypothesis y of clip x scores
 
-    log P_llm(y | the GER prompt with the n-best and the audio) + rescore_whisper_weight * log P_whisper(y | x)
+    log P_llm(y | the model's prompt and the audio) + rescore_whisper_weight * log P_whisper(y | x)
+
+where an error-correction prompt lists the n-best, and a recognition prompt (no <nbest>) does not, so that a
+recognition model scores each hypothesis from the audio alone.
 
 each summed over the model's own tokens of y and its end token, both teacher-forced on the hypotheses the prompt
 shows. A weight of 0 trusts the LLM alone; a large one keeps the hypothesis of highest total log-probability under
