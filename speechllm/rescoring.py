@@ -58,8 +58,9 @@ def whisper_logprobs(decoder, features: torch.Tensor, texts: list[list[str]]) ->
 
 
 @torch.no_grad()
-def llm_logprobs(model, audios, prompts, nbest) -> list[list[float]]:
-    """log P(hypothesis and end of turn | the GER prompt, audio) for each clip's hypotheses in its prompt.
+def llm_logprobs(model, audios, prompts, nbest, audio_features=None) -> list[list[float]]:
+    """log P(hypothesis and end of turn | the model's prompt, audio) for each clip's hypotheses in its prompt
+    (audio_features: the encoder's output on the clips' windows, where the model reads those, so it is not rerun).
 
     The prompt pass runs once a clip, and its KV cache is copied for each of the clip's hypotheses, whose answer
     tokens alone are then run: the prompt (n-best and audio) is most of each row."""
@@ -70,7 +71,7 @@ def llm_logprobs(model, audios, prompts, nbest) -> list[list[float]]:
     mask = batch.pop("attention_mask")
     cache = DynamicCache(config=llm.config)
     prompt = llm(
-        inputs_embeds=model.embed(**batch),
+        inputs_embeds=model.embed(**batch, audio_features=audio_features),
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # left padding must not shift positions
         cache=cache,
@@ -108,7 +109,8 @@ def hypothesis_scores(model, audios, prompts, nbest):
     whisper_scores = [None] * len(audios)
     for i, scores in zip(single, whisper_logprobs(decoder, features[first_windows], [shown[i] for i in single])):
         whisper_scores[i] = scores
-    return shown, llm_logprobs(model, audios, prompts, nbest), whisper_scores
+    shared = features if config.ger_audio and config.audio_mode == "window" else None  # as the projector reads them
+    return shown, llm_logprobs(model, audios, prompts, nbest, shared), whisper_scores
 
 
 def choose(texts: list[str], llm_scores: list[float], whisper_scores: list[float] | None, whisper_weight: float):

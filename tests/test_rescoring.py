@@ -174,3 +174,13 @@ def test_a_recognition_model_chooses_by_the_audio_alone(ger_model, clips, tmp_pa
     )
     texts = dict(line.split("\t", 1) for line in result.read_text().splitlines())
     assert all(texts[row["key"]] in row["nbest"] for row in rows)
+
+
+def test_in_window_mode_each_clip_is_encoded_once_with_the_same_scores(ger_model, clips):
+    model = ger_model(audio_mode="window")
+    encoded = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(output)))
+    shown, llm, _ = hypothesis_scores(model, clips[:2], [None, None], NBEST)
+    assert encoded == [2]  # one pass over the two clips' windows, for Whisper and the projector both
+    again = llm_logprobs(model, clips[:2], [None, None], NBEST)  # encoding them itself
+    np.testing.assert_allclose(np.concatenate(llm), np.concatenate(again), atol=1e-4)
