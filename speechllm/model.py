@@ -245,14 +245,10 @@ class SpeechLLM(PreTrainedModel):
         model's own prompt gets room for the longest clip's words; any other prompt at least answer_max_new_tokens.
         options: generate()'s, e.g. repetition_penalty and no_repeat_ngram_size (defaults: self.generation_config).
         nbest: error correction's cached hypotheses, a list or None a clip (None: decoded); plain models ignore it.
-        with_logprobs: fill in avg_logprob (generation then keeps every step's scores, batch x beams x vocabulary)."""
+        with_logprobs: fill in avg_logprob (generation then keeps every step's scores, batch x beams x vocabulary).
+        A model with ger_decoding "rescore" chooses among Whisper's n-best instead (rescoring.py): no generation, so
+        num_beams, max_new_tokens and options do not apply, and avg_logprob is the LLM's of the chosen text."""
         started = time.perf_counter()
-        longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
-        budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
-        if any(prompt not in (None, self.config.prompt) for prompt in prompts or []):
-            budget = max(budget, self.config.answer_max_new_tokens)
-        max_new_tokens = max_new_tokens or budget
-        options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
         prompts = prompts or [None] * len(audios)
         if self.config.ger_decoding == "rescore":  # nothing generated: no loop, no token budget
             chosen = rescore_batch(self, audios, prompts, nbest or [None] * len(audios))
@@ -262,6 +258,12 @@ class SpeechLLM(PreTrainedModel):
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
                 hypotheses.append(Hypothesis(text, ids, True, logprob / (len(ids) + 1), seconds))  # + its end
             return hypotheses
+        longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
+        budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+        if any(prompt not in (None, self.config.prompt) for prompt in prompts):
+            budget = max(budget, self.config.answer_max_new_tokens)
+        max_new_tokens = max_new_tokens or budget
+        options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
         if self.config.nbest:
             batch = error_correction_batch(self, audios, prompts, nbest)
         else:

@@ -129,6 +129,11 @@ def distinct_hypotheses(hypotheses: list[str]) -> list[str]:
     return list(words.values())
 
 
+def listed_hypotheses(config, hypotheses: list[str]) -> list[str]:
+    """The hypotheses a prompt lists and a chooser picks from: the model's first N that differ in words."""
+    return distinct_hypotheses(hypotheses)[: config.nbest]
+
+
 def shows_nbest(config, template: str) -> bool:
     """Whether a prompt lists the n-best: always for a model that writes the transcript; one that only chooses among
     them (ger_decoding "rescore") may also score them against the audio alone, as a recognition model reads it."""
@@ -143,9 +148,7 @@ def error_correction_inputs(config, audios, prompts, nbest):
     (where the prompt lists them), audio only if used."""
     templates = [prompt or config.prompt for prompt in prompts]
     prompts = [
-        render_prompt(template, distinct_hypotheses(hypotheses)[: config.nbest])
-        if shows_nbest(config, template)
-        else template
+        render_prompt(template, listed_hypotheses(config, hypotheses)) if shows_nbest(config, template) else template
         for template, hypotheses in zip(templates, nbest)
     ]
     return (audios if config.ger_audio else [None] * len(audios)), prompts

@@ -6,21 +6,20 @@ than was said (README: Measured). Choosing cannot leave Whisper's n-best. Hypoth
 
     log P_llm(y | the model's prompt and the audio) + rescore_whisper_weight * log P_whisper(y | x)
 
-where an error-correction prompt lists the n-best, and a recognition prompt (no <nbest>) does not, so that a
-recognition model scores each hypothesis from the audio alone.
-
 each summed over the model's own tokens of y and its end token, both teacher-forced on the hypotheses the prompt
-shows. A weight of 0 trusts the LLM alone; a large one keeps the hypothesis of highest total log-probability under
-Whisper, which can differ from its first: its beam search ranks by the mean per token. Sums favour short texts,
-but an n-best's hypotheses are alike in length, and on dev sums chose better than means (README: Measured).
-Whisper scores a text against one 30 s window only, so a clip of several windows keeps its first hypothesis.
+shows. An error-correction prompt lists the n-best; a recognition prompt (no <nbest>) does not, so that a
+recognition model scores each hypothesis from the audio alone. A weight of 0 trusts the LLM alone; a large one
+keeps the hypothesis of highest total log-probability under Whisper, which can differ from its first: its beam
+search ranks by the mean per token. Sums favour short texts, but an n-best's hypotheses are alike in length, and on
+dev sums chose better than means (README: Measured). Whisper scores a text against one 30 s window only, so a clip
+of several windows keeps its first hypothesis.
 """
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .nbest import distinct_hypotheses, error_correction_inputs, fill_missing_nbest, window_features
+from .nbest import error_correction_inputs, fill_missing_nbest, listed_hypotheses, window_features
 
 GER_DECODINGS = ("generate", "rescore")
 
@@ -65,7 +64,7 @@ def llm_logprobs(model, audios, prompts, nbest, audio_features=None) -> list[lis
     The prompt pass runs once a clip, and its KV cache is copied for each of the clip's hypotheses, whose answer
     tokens alone are then run: the prompt (n-best and audio) is most of each row."""
     config, llm, processor = model.config, model.llm, model.processor
-    shown = [distinct_hypotheses(hypotheses)[: config.nbest] for hypotheses in nbest]
+    shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
     audios, prompts = error_correction_inputs(config, audios, prompts, nbest)
     batch = {name: tensor.to(llm.device) for name, tensor in processor(audios, prompts).items()}
     mask = batch.pop("attention_mask")
@@ -103,7 +102,7 @@ def hypothesis_scores(model, audios, prompts, nbest):
     config, decoder = model.config, model.whisper_decoder
     features, counts = window_features(model.encoder, audios, next(decoder.parameters()).device)
     nbest = fill_missing_nbest(decoder, config.nbest, nbest, features, counts)
-    shown = [distinct_hypotheses(hypotheses)[: config.nbest] for hypotheses in nbest]
+    shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
     single = [i for i, count in enumerate(counts) if count == 1]
     first_windows = [int(start) for start in np.cumsum([0] + counts)[single]]
     whisper_scores = [None] * len(audios)
