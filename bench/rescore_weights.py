@@ -5,7 +5,8 @@ LLM's, from one scoring pass, with Whisper's 1-best and the oracle beside them.
         --weights 0 1 2 3 5 10 1000 --scores scores.json
 
 Each line's cached "nbest" is used where there is one (examples/make_error_correction_data.py); Whisper's n-best is
-decoded elsewhere. The scores go to --scores, and a rerun with --scores reads them instead of scoring again.
+decoded elsewhere. The scores go to --scores, and a rerun with the same model, data and options reads them instead
+of scoring again.
 """
 
 import argparse
@@ -37,7 +38,7 @@ def score_file(model, path, batch_size, limit) -> list[dict]:
     return rows
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="an error-correction model (nbest > 0), or any with --nbest")
     parser.add_argument("data", nargs="+", help="jsonl files with references")
@@ -46,17 +47,22 @@ def main():
     parser.add_argument("--limit", type=int, help="only the first N lines of each file")
     parser.add_argument("--scores", help="a json file of the scores: read if it exists, else written")
     parser.add_argument("--nbest", type=int, help="for a recognition model: score Whisper's N-best against the audio")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    # what the scores depend on: a --scores file of another model or data is refused, not silently reused
+    source = {"model": args.model, "nbest": args.nbest, "limit": args.limit, "data": args.data}
     if args.scores and os.path.exists(args.scores):
         with open(args.scores, encoding="utf-8") as file:
-            scored = json.load(file)
+            saved = json.load(file)
+        if saved.get("source") != source:
+            raise SystemExit(f"{args.scores}: scored for {saved.get('source')}, not {source}; give another --scores")
+        scored = saved["scores"]
     else:
         model = SpeechLLM.from_pretrained(args.model, nbest=args.nbest, ger_decoding="rescore").eval()
         scored = {path: score_file(model, path, args.batch_size, args.limit) for path in args.data}
         if args.scores:
             with open(args.scores, "w", encoding="utf-8") as file:
-                json.dump(scored, file)
+                json.dump({"source": source, "scores": scored}, file)
     for path, rows in scored.items():
         references = [row["txt"] for row in rows]
         print(f"{path}: Whisper's 1-best {format_error_rate(error_rate(references, [r['texts'][0] for r in rows]))}")

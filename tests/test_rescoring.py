@@ -1,6 +1,7 @@
 """Error correction by choosing (speechllm/rescoring.py): both models' log-probabilities of Whisper's hypotheses, and
 the choice they make together."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from speechllm.packaged_models import whisper_tiny_en
 from speechllm.rescoring import choose, hypothesis_scores, llm_logprobs, whisper_logprobs
 from speechllm.whisper_formats import load_whisper_model
 
-EXAMPLE_JSONL = str(Path(__file__).resolve().parents[1] / "examples" / "audio" / "data.jsonl")
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_JSONL = str(ROOT / "examples" / "audio" / "data.jsonl")
 NBEST = [["hello world", "yellow world", "hollow world"], ["one two three", "one to three"]]
 
 
@@ -184,3 +186,27 @@ def test_in_window_mode_each_clip_is_encoded_once_with_the_same_scores(ger_model
     assert encoded == [2]  # one pass over the two clips' windows, for Whisper and the projector both
     again = llm_logprobs(model, clips[:2], [None, None], NBEST)  # encoding them itself
     np.testing.assert_allclose(np.concatenate(llm), np.concatenate(again), atol=1e-4)
+
+
+def test_weight_bench_reuses_its_scores_only_for_the_same_model_and_data(ger_model, tmp_path, capsys):
+    """bench/rescore_weights.py --scores: a rerun with the same arguments reads the file (the model is not loaded
+    again: here it is gone), one with other data is refused rather than answered with the old scores."""
+    spec = importlib.util.spec_from_file_location("rescore_weights", ROOT / "bench" / "rescore_weights.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ger_model().save_pretrained(tmp_path / "model")
+    rows = [
+        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [" ".join(e.txt.split()[::-1]), e.txt]}
+        for e in read_jsonl(EXAMPLE_JSONL)
+    ]
+    jsonl = write_jsonl(str(tmp_path / "cached.jsonl"), rows)
+    args = [str(tmp_path / "model"), jsonl, "--weights", "0", "1000", "--scores", str(tmp_path / "scores.json")]
+    bench.main(args)
+    scored = capsys.readouterr().out
+    assert f"{jsonl}: whisper weight 1000: WER 0.00%" in scored
+    for file in (tmp_path / "model").iterdir():
+        file.unlink()
+    bench.main(args)
+    assert capsys.readouterr().out.splitlines() == [line for line in scored.splitlines() if "clips scored" not in line]
+    with pytest.raises(SystemExit, match="scores.json: scored for"):
+        bench.main(args + ["--limit", "1"])
