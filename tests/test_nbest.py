@@ -1,12 +1,12 @@
 """Error correction (speechllm/nbest.py): Whisper's n-best in the prompt, cached or decoded, with or without audio."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import whisper
+from repo_scripts import load_script
 from tiny_models import write_jsonl
 
 from speechllm import AUDIO_PLACEHOLDER, NBEST_PLACEHOLDER, SpeechLLM, SpeechLLMConfig
@@ -44,13 +44,6 @@ def cached_jsonl(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_en():
     return whisper_tiny_en()
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def items(path):
@@ -167,7 +160,7 @@ def test_cached_and_computed_nbest_give_the_same_batch(tiny, tiny_en, tmp_path, 
     plain = str(tmp_path / "plain.jsonl")
     write_jsonl(plain, [{"wav": e.wav, "txt": e.txt} for e in read_jsonl(EXAMPLE_JSONL)[:2]])
     cache = str(tmp_path / "cached.jsonl")
-    load_script("make_error_correction_data").main(["--whisper", tiny_en, "--nbest", "3", plain, cache])
+    load_script("examples/make_error_correction_data.py").main(["--whisper", tiny_en, "--nbest", "3", plain, cache])
     cached = read_jsonl(cache)
     assert all(e.nbest for e in cached) and not any(e.nbest for e in read_jsonl(plain))
     audios = [item["audio"] for item in items(plain)]

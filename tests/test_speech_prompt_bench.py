@@ -1,24 +1,13 @@
 """bench/speech_prompt.py and the ROUGE-L it reports."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from repo_scripts import load_script
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import load_example_audio, read_jsonl
 from speechllm.metrics import rouge_l
 from speechllm.model import load_llm
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_rouge_l_is_the_stemmed_longest_common_subsequence_f_measure():
@@ -34,13 +23,13 @@ def test_rouge_l_is_the_stemmed_longest_common_subsequence_f_measure():
 def test_bench_scores_the_students_answers_against_the_teachers(make_model, tiny, tmp_path, capsys):
     model = make_model()
     model.save_pretrained(tmp_path / "model")
-    bench = load_script(ROOT / "bench" / "speech_prompt.py")
+    bench = load_script("bench/speech_prompt.py")
     args = [str(tmp_path / "model"), tiny["jsonl"], "--limit", "3", "--batch_size", "2", "--max_new_tokens", "5"]
     results = bench.main(args + ["--show", "1"])
     printed = capsys.readouterr().out
     examples = read_jsonl(tiny["jsonl"])[:3]
     audios = [load_example_audio(e) for e in examples]
-    recipe = load_script(ROOT / "examples" / "make_speech_prompt_data.py")
+    recipe = load_script("examples/make_speech_prompt_data.py")
     llm, tokenizer = load_llm(tiny["qwen2"], torch.float32)
     assert list(results) == bench.PROMPTS
     for prompt, result in results.items():
@@ -57,7 +46,7 @@ def test_bench_scores_the_students_answers_against_the_teachers(make_model, tiny
 
 
 def test_bench_names_a_line_without_a_transcript(tiny, tmp_path):
-    bench = load_script(ROOT / "bench" / "speech_prompt.py")
+    bench = load_script("bench/speech_prompt.py")
     data = tmp_path / "data.jsonl"
     wav = read_jsonl(tiny["jsonl"])[0].wav
     data.write_text(f'{{"wav": "{wav}", "transcript": "hello"}}\n{{"wav": "{wav}"}}\n')

@@ -1,23 +1,13 @@
 """bench/speed.py: every figure it reports, and the FLOP counts its hardware floors rest on."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from repo_scripts import load_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from speechllm.quantization import Int8StepLinear, quantize_llm_int8
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "bench" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def is_positive(value) -> bool:
@@ -26,7 +16,7 @@ def is_positive(value) -> bool:
 
 def test_quick_bench_reports_every_figure(make_model, tiny, tmp_path, capsys):
     make_model().save_pretrained(tmp_path / "model")
-    bench = load_bench()
+    bench = load_script("bench/speed.py")
     out = tmp_path / "speed.json"
     bench.main([tiny["jsonl"], "--model", str(tmp_path / "model"), "--quick", "--threads", "1", "--json", str(out)])
     result = json.loads(out.read_text())
@@ -76,7 +66,7 @@ def counted_flops(work) -> int:
 
 def test_floors_count_the_flops_torch_counts(make_model):
     """The analytic FLOPs of a decoding step, a prompt pass's linear layers and the encoder are torch's own count."""
-    bench = load_bench()
+    bench = load_script("bench/speed.py")
     model = make_model()
     costs = bench.Costs(model)
     llm, length = model.llm, 20

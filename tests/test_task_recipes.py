@@ -1,11 +1,11 @@
 """The data recipes for error correction and speech-as-a-prompt produce jsonl that train.py reads."""
 
-import importlib.util
 import itertools
 import json
 from pathlib import Path
 
 import torch
+from repo_scripts import load_script
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import SpeechDataset, read_jsonl
@@ -15,15 +15,8 @@ from speechllm.packaged_models import whisper_tiny_en
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path):
-    recipe = load_script("make_error_correction_data")
+    recipe = load_script("examples/make_error_correction_data.py")
     source = str(EXAMPLES / "audio" / "data.jsonl")
     references = read_jsonl(source)
     output = tmp_path / "ger.jsonl"
@@ -39,7 +32,7 @@ def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path):
 
 
 def test_speech_prompt_data_several_instructions_with_the_llms_answers_and_transcripts(tiny, make_model, tmp_path):
-    recipe = load_script("make_speech_prompt_data")
+    recipe = load_script("examples/make_speech_prompt_data.py")
     output = tmp_path / "distilled.jsonl"
     instructions, system = ["", "Summarise:"], "Be brief."
     args = ["--llm", tiny["qwen2"], "--system_prompt", system, "--max_new_tokens", "6", "--batch_size", "3"]
@@ -72,7 +65,7 @@ def test_prepare_jsonl_matches_audio_to_transcripts(tmp_path):
     write_tone(str(tmp_path / "wavs" / "sub" / "b.flac"), 1.25, 300)
     (tmp_path / "text.tsv").write_text("a\thello there\nb general kenobi\nc no audio for this\n")
     output = tmp_path / "data" / "train.jsonl"
-    load_script("prepare_jsonl").main(
+    load_script("examples/prepare_jsonl.py").main(
         ["--audio_dir", str(tmp_path / "wavs"), "--transcripts", str(tmp_path / "text.tsv"), str(output)]
     )
     examples = read_jsonl(str(output))
