@@ -1,4 +1,4 @@
-"""Does the LLM read the audio? A projector's loss on the references with each clip's own audio, and with the
+r"""Does the LLM read the audio? A projector's loss on the references with each clip's own audio, and with the
 audio of the clip of nearest length (so the length of the audio tells it nothing).
 
     python bench/audio_reliance.py runs/tiny_en_smollm2/checkpoint-1600 ../shared/data/dev/data.jsonl \

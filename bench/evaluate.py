@@ -1,4 +1,4 @@
-"""Evaluate a saved model on jsonl files: WER with S/D/I, the share of insertions, how many hypotheses never
+r"""Evaluate a saved model on jsonl files: WER with S/D/I, the share of insertions, how many hypotheses never
 ended (ran to max_new_tokens: loops), and decoding speed; for each decoding setting asked for, in one model load.
 
     python bench/evaluate.py examples/tiny_en_smollm2 ../shared/data/dev/data.jsonl ../shared/data/dev_ood/data.jsonl \

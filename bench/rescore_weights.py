@@ -1,4 +1,4 @@
-"""Error correction by choosing (speechllm/rescoring.py): WER at each weight of Whisper's log-probability beside the
+r"""Error correction by choosing (speechllm/rescoring.py): WER at each weight of Whisper's log-probability beside the
 LLM's, from one scoring pass, with Whisper's 1-best and the oracle beside them.
 
     python bench/rescore_weights.py examples/tiny_en_smollm2_ger dev_nbest.jsonl dev_ood_nbest.jsonl \

@@ -1,4 +1,4 @@
-"""Speech as a prompt: does the model answer what it hears as its LLM answers the same words given as text?
+r"""Speech as a prompt: does the model answer what it hears as its LLM answers the same words given as text?
 
     python bench/speech_prompt.py runs/distilled ../shared/data/dev/data.jsonl \
         --whisper_model_name_or_path $W --llm_model_name_or_path $L --limit 40

@@ -1,4 +1,4 @@
-"""Speed of recognition and training, and how far each phase is from what this machine's hardware allows.
+r"""Speed of recognition and training, and how far each phase is from what this machine's hardware allows.
 
     python bench/speed.py ../shared/data/dev/data.jsonl --whisper_model_name_or_path $W --llm_model_name_or_path $L \
         --limit 8 --threads 2 --json runs/speed.json

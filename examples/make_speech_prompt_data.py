@@ -1,4 +1,4 @@
-"""Speech-as-a-prompt data: each clip with one or more instructions, the LLM's own answer to the transcript as the
+r"""Speech-as-a-prompt data: each clip with one or more instructions, the LLM's own answer to the transcript as the
 target (hard-target distillation), and the transcript itself, which the teacher reads with --distill_weight.
 
     python examples/make_speech_prompt_data.py --llm Qwen/Qwen2.5-1.5B-Instruct --system_prompt "" \
