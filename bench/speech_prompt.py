@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from speechllm import AUDIO_PLACEHOLDER, SpeechLLM
-from speechllm.data import DataError, load_example_audio, read_jsonl
+from speechllm.data import DataError, load_example_audio, read_jsonl, sentence_case
 from speechllm.distill import text_batch
 from speechllm.lora import lora_disabled
 from speechllm.metrics import rouge_l
@@ -83,12 +83,17 @@ def main(argv=None) -> dict:
         "--max_new_tokens", type=int, default=None, help="both answers' (default: the model's answer_max_new_tokens)"
     )
     parser.add_argument("--show", type=int, default=0, help="print this many teacher/student answer pairs a prompt")
+    parser.add_argument(
+        "--recase_all_caps", action="store_true", help="the teacher reads ALL-CAPS transcripts in sentence case"
+    )
     args = parser.parse_args(argv)
 
     examples = read_jsonl(args.data, require_text=False)
     examples = examples[:: max(1, len(examples) // args.limit)][: args.limit] if args.limit else examples
     for example in examples:
         transcript(example)  # every line checked before the models load
+        if args.recase_all_caps:
+            example.transcript = sentence_case(transcript(example))
     model = SpeechLLM.from_pretrained(
         args.model,
         whisper_model_name_or_path=args.whisper_model_name_or_path,

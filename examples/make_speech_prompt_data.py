@@ -14,11 +14,12 @@ Give the --system_prompt you train with: the targets are then what the teacher a
 import argparse
 import json
 import os
+import random
 
 import torch
 
 from speechllm import AUDIO_PLACEHOLDER
-from speechllm.data import read_jsonl
+from speechllm.data import read_jsonl, sentence_case
 from speechllm.errors import run_command_line
 from speechllm.model import load_llm, stop_token_ids
 
@@ -56,11 +57,21 @@ def main(argv=None):
     parser.add_argument("--system_prompt", default=None, help="the one you train with (default: the template's own)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--sample", type=int, default=None, help="answer only a random sample of this many clips")
+    parser.add_argument("--seed", type=int, default=0, help="of the sample")
+    parser.add_argument(
+        "--recase_all_caps", action="store_true", help="ALL-CAPS transcripts in sentence case, as the LLM reads text"
+    )
     args = parser.parse_args(argv)
 
     instructions = args.instruction or [""]
+    examples = read_jsonl(args.input)  # every line checked before the LLM loads
+    if args.sample is not None:
+        examples = random.Random(args.seed).sample(examples, min(args.sample, len(examples)))
+    if args.recase_all_caps:
+        for example in examples:
+            example.txt = sentence_case(example.txt)
     llm, tokenizer = load_llm(args.llm, torch.float32)
-    examples = read_jsonl(args.input)
     jobs = [(example, i, instruction) for example in examples for i, instruction in enumerate(instructions)]
     with open(args.output + ".tmp", "w", encoding="utf-8") as out:  # renamed when whole
         for start in range(0, len(jobs), args.batch_size):

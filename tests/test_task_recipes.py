@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -55,6 +56,25 @@ def test_speech_prompt_data_several_instructions_with_the_llms_answers_and_trans
         )
     assert len({r["txt"] for r in rows}) > 1
     assert SpeechDataset(str(output), require_transcript=True)[1]["transcript"] == tiny["texts"][0]
+
+
+def test_speech_prompt_data_answers_a_seeded_sample_with_all_caps_transcripts_recased(tiny, tmp_path):
+    recipe = load_script("examples/make_speech_prompt_data.py")
+    rows = [json.loads(line) for line in Path(tiny["jsonl"]).read_text().splitlines()]
+    shouting = tmp_path / "caps.jsonl"  # audio paths made absolute: the copy lives elsewhere
+    shouting.write_text(
+        "".join(
+            json.dumps({**row, "wav": str(Path(tiny["jsonl"]).parent / row["wav"]), "txt": row["txt"].upper()}) + "\n"
+            for row in rows
+        )
+    )
+    output = tmp_path / "sample.jsonl"
+    args = ["--llm", tiny["qwen2"], "--max_new_tokens", "2", "--sample", "2", "--seed", "3", "--recase_all_caps"]
+    recipe.main(args + [str(shouting), str(output)])
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = random.Random(3).sample(range(len(rows)), 2)
+    assert [w["key"] for w in written] == [rows[i]["key"] for i in expected]
+    assert [w["transcript"] for w in written] == [tiny["texts"][i].capitalize() for i in expected]
 
 
 def test_prepare_jsonl_matches_audio_to_transcripts(tmp_path):
