@@ -5,12 +5,12 @@
 Each line is written back with its key, its wav made absolute and "nbest" added: Whisper's distinct beam-search
 hypotheses (beam N), best first, exactly as a model trained with --nbest N on the same Whisper weights decodes them
 itself (speechllm/nbest.py). train.py and recognize.py use a line's cached list instead of decoding its clip; a model
-with a smaller N reads the first N. Lines go to OUTPUT.partial as they are decoded; a rerun continues from there.
+with a smaller N reads the first N. Lines go to OUTPUT.part0 as they are decoded; a rerun with the same options
+continues from there.
 """
 
 import argparse
 import json
-import os
 
 import torch
 from tqdm import tqdm
@@ -19,23 +19,7 @@ from speechllm.data import load_example_audio, read_jsonl
 from speechllm.encoder import load_whisper_encoder
 from speechllm.errors import run_command_line
 from speechllm.nbest import decode_nbest, load_whisper_decoder
-
-
-def read_decoded(partial: str) -> dict[str, str]:
-    """key -> line of a partial output, rewritten without the last line if a killed run left it half-written."""
-    if not os.path.exists(partial):
-        return {}
-    decoded = {}
-    with open(partial, encoding="utf-8") as file:
-        for line in file:
-            try:
-                decoded[json.loads(line)["key"]] = line if line.endswith("\n") else line + "\n"
-            except json.JSONDecodeError:
-                pass
-    with open(partial + ".tmp", "w", encoding="utf-8") as file:
-        file.writelines(decoded.values())
-    os.replace(partial + ".tmp", partial)
-    return decoded
+from speechllm.results import PartialResults, write_whole
 
 
 def main(argv=None):
@@ -52,29 +36,28 @@ def main(argv=None):
     examples = read_jsonl(args.input, require_text=False)  # every line checked before any decoding
     with open(args.input, encoding="utf-8") as file:
         rows = [json.loads(line) for line in file if line.strip()]
-    partial = args.output + ".partial"
-    decoded = read_decoded(partial)  # what an interrupted run wrote
-    todo = [(example, row) for example, row in zip(examples, rows) if example.key not in decoded]
+    settings = {"whisper": args.whisper, "nbest": args.nbest, "model_dtype": args.model_dtype}
+    partial = PartialResults(args.output, 0, settings)
+    done = partial.done()  # what an interrupted run wrote
+    todo = [(example, row) for example, row in zip(examples, rows) if example.key not in done]
 
     dtype = getattr(torch, args.model_dtype)
     encoder = load_whisper_encoder(args.whisper, dtype).to(args.device)
     decoder = load_whisper_decoder(args.whisper, dtype).to(args.device)
     progress = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="n-best", unit="clip")
-    with open(partial, "a", encoding="utf-8") as out:
-        for start in range(0, len(todo), args.batch_size):
-            chunk = todo[start : start + args.batch_size]
-            nbest, _ = decode_nbest(encoder, decoder, args.nbest, [load_example_audio(e) for e, _ in chunk])
-            for (example, row), hypotheses in zip(chunk, nbest):
-                row = row | {"key": example.key, "wav": example.wav, "nbest": hypotheses}  # wav: absolute
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()
-            progress.update(len(chunk))
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start : start + args.batch_size]
+        nbest, _ = decode_nbest(encoder, decoder, args.nbest, [load_example_audio(e) for e, _ in chunk])
+        decoded = [
+            row | {"key": example.key, "wav": example.wav, "nbest": hypotheses}  # wav: absolute
+            for (example, row), hypotheses in zip(chunk, nbest)
+        ]
+        partial.add(decoded)
+        done |= {row["key"]: row for row in decoded}
+        progress.update(len(chunk))
     progress.close()
-    decoded = read_decoded(partial)
-    with open(args.output + ".tmp", "w", encoding="utf-8") as file:  # in input order
-        file.writelines(decoded[example.key] for example in examples)
-    os.replace(args.output + ".tmp", args.output)
-    os.remove(partial)
+    write_whole(args.output, [json.dumps(done[example.key], ensure_ascii=False) for example in examples])
+    partial.remove()
     print(f"{args.output}: {len(examples)} lines with Whisper's {args.nbest}-best")
 
 

@@ -9,6 +9,7 @@ target (hard-target distillation), and the transcript itself, which the teacher 
 the transcript. Any other text is interleaved with the speech: "INSTRUCTION\n<speech>". Each input line gives one
 line per instruction (keys KEY-0, KEY-1, ... when there are several), so one training set teaches several uses.
 Give the --system_prompt you train with: the targets are then what the teacher answers in the same chat.
+Answers go to OUTPUT.part0 as they are written; a rerun with the same options continues from there.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import read_jsonl, sentence_case
 from speechllm.errors import run_command_line
 from speechllm.model import load_llm, stop_token_ids
+from speechllm.results import PartialResults, write_whole
 
 
 def llm_answers(llm, tokenizer, questions: list[str], max_new_tokens: int, system_prompt=None) -> list[str]:
@@ -71,22 +73,32 @@ def main(argv=None):
     if args.recase_all_caps:
         for example in examples:
             example.txt = sentence_case(example.txt)
+    jobs = [
+        (example.key if len(instructions) == 1 else f"{example.key}-{i}", example, instruction)
+        for example in examples
+        for i, instruction in enumerate(instructions)
+    ]
+    settings = vars(args) | {"input": os.path.abspath(args.input), "output": None, "batch_size": None}
+    partial = PartialResults(args.output, 0, settings)
+    done = partial.done()  # what an interrupted run wrote
+    todo = [job for job in jobs if job[0] not in done]
+
     llm, tokenizer = load_llm(args.llm, torch.float32)
-    jobs = [(example, i, instruction) for example in examples for i, instruction in enumerate(instructions)]
-    with open(args.output + ".tmp", "w", encoding="utf-8") as out:  # renamed when whole
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start : start + args.batch_size]
-            prompts = [
-                f"{instruction}\n{AUDIO_PLACEHOLDER}" if instruction else AUDIO_PLACEHOLDER
-                for _, _, instruction in batch
-            ]
-            questions = [prompt.replace(AUDIO_PLACEHOLDER, e.txt) for prompt, (e, _, _) in zip(prompts, batch)]
-            answers = llm_answers(llm, tokenizer, questions, args.max_new_tokens, args.system_prompt)
-            for (example, i, _), prompt, answer in zip(batch, prompts, answers):
-                key = example.key if len(instructions) == 1 else f"{example.key}-{i}"
-                row = {"key": key, "wav": example.wav, "txt": answer, "prompt": prompt, "transcript": example.txt}
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(args.output + ".tmp", args.output)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start : start + args.batch_size]
+        prompts = [
+            f"{instruction}\n{AUDIO_PLACEHOLDER}" if instruction else AUDIO_PLACEHOLDER for *_, instruction in batch
+        ]
+        questions = [prompt.replace(AUDIO_PLACEHOLDER, e.txt) for prompt, (_, e, _) in zip(prompts, batch)]
+        answers = llm_answers(llm, tokenizer, questions, args.max_new_tokens, args.system_prompt)
+        answered = [
+            {"key": key, "wav": example.wav, "txt": answer, "prompt": prompt, "transcript": example.txt}
+            for (key, example, _), prompt, answer in zip(batch, prompts, answers)
+        ]
+        partial.add(answered)
+        done |= {row["key"]: row for row in answered}
+    write_whole(args.output, [json.dumps(done[key], ensure_ascii=False) for key, *_ in jobs])
+    partial.remove()
 
 
 if __name__ == "__main__":

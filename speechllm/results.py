@@ -1,15 +1,18 @@
-"""Recognition results: saved as each batch is decoded (a part file a process), read back by a rerun so it skips
-what is done, and written whole at the end, in input order, as txt, tsv or jsonl."""
+"""Recognition results (and the example scripts' cached n-best and answers): saved as each batch is decoded (a part
+file a process), read back by a rerun so it skips what is done, and written whole at the end, in input order, as txt,
+tsv or jsonl."""
 
 import glob
 import json
 import os
 
+from .errors import InputError
+
 FORMATS = ("txt", "tsv", "jsonl")
 TSV_COLUMNS = ("key", "text", "duration", "decoding_seconds", "finished")
 
 
-class ResultsError(ValueError):
+class ResultsError(InputError):
     """Saved partial results that do not belong to this run."""
 
 

@@ -5,6 +5,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from repo_scripts import load_script
 
@@ -12,21 +13,31 @@ from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import SpeechDataset, read_jsonl
 from speechllm.model import load_llm
 from speechllm.packaged_models import whisper_tiny_en
+from speechllm.results import PartialResults
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path):
+def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path, capsys):
     recipe = load_script("examples/make_error_correction_data.py")
     source = str(EXAMPLES / "audio" / "data.jsonl")
     references = read_jsonl(source)
     output = tmp_path / "ger.jsonl"
     first = {"key": references[0].key, "wav": references[0].wav, "txt": references[0].txt, "nbest": ["kept"]}
-    (tmp_path / "ger.jsonl.partial").write_text(json.dumps(first) + "\n" + '{"key": "LJ0')  # a killed run's
-    recipe.main(["--whisper", whisper_tiny_en(), "--nbest", "4", source, str(output)])
+    args = ["--whisper", whisper_tiny_en(), "--nbest", "4", source, str(output)]
+    killed = PartialResults(str(output), 0, {"whisper": whisper_tiny_en(), "nbest": 4, "model_dtype": "float32"})
+    killed.add([first])
+    with open(killed.path, "a") as file:
+        file.write('{"key": "LJ0')  # torn by the kill
+    other = PartialResults(str(tmp_path / "other.jsonl"), 0, {"whisper": whisper_tiny_en(), "nbest": 5})
+    other.add([first])
+    with pytest.raises(SystemExit):  # written with another beam: refused, not mixed in
+        recipe.run_command_line(recipe.main, args[:-1] + [str(tmp_path / "other.jsonl")])
+    assert "nbest: 5 there, 4 now" in capsys.readouterr().err
+    recipe.main(args)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(r["key"], r["txt"], r["wav"]) for r in rows] == [(e.key, e.txt, e.wav) for e in references]
-    assert rows[0]["nbest"] == ["kept"] and not (tmp_path / "ger.jsonl.partial").exists()  # resumed, not redone
+    assert rows[0]["nbest"] == ["kept"] and killed.files() == []  # resumed, not redone
     for row in rows[1:]:
         assert 2 <= len(row["nbest"]) <= 4 and len(set(row["nbest"])) == len(row["nbest"])  # distinct beams
     assert SpeechDataset(str(output)).examples[1].nbest == rows[1]["nbest"]
@@ -70,7 +81,21 @@ def test_speech_prompt_data_answers_a_seeded_sample_with_all_caps_transcripts_re
     )
     output = tmp_path / "sample.jsonl"
     args = ["--llm", tiny["qwen2"], "--max_new_tokens", "2", "--sample", "2", "--seed", "3", "--recase_all_caps"]
-    recipe.main(args + [str(shouting), str(output)])
+    args += ["--batch_size", "1", str(shouting), str(output)]
+    answer, calls = recipe.llm_answers, []
+
+    def killed_after_one_batch(*call):
+        calls.append(call)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return answer(*call)
+
+    recipe.llm_answers = killed_after_one_batch
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(args)
+    recipe.llm_answers = lambda *call: calls.append(call) or answer(*call)
+    recipe.main(args)
+    assert len(calls) == 3  # the rerun answered only the clip the killed run had not
     written = [json.loads(line) for line in output.read_text().splitlines()]
     expected = random.Random(3).sample(range(len(rows)), 2)
     assert [w["key"] for w in written] == [rows[i]["key"] for i in expected]
