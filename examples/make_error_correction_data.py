@@ -11,6 +11,7 @@ continues from there.
 
 import argparse
 import json
+import os
 
 import torch
 from tqdm import tqdm
@@ -36,7 +37,10 @@ def main(argv=None):
     examples = read_jsonl(args.input, require_text=False)  # every line checked before any decoding
     with open(args.input, encoding="utf-8") as file:
         rows = [json.loads(line) for line in file if line.strip()]
-    settings = {"whisper": args.whisper, "nbest": args.nbest, "model_dtype": args.model_dtype}
+    settings = {
+        "input": os.path.abspath(args.input),  # a cached line is the input line with its n-best added
+        **{name: getattr(args, name) for name in ("whisper", "nbest", "model_dtype")},
+    }
     partial = PartialResults(args.output, 0, settings)
     done = partial.done()  # what an interrupted run wrote
     todo = [(example, row) for example, row in zip(examples, rows) if example.key not in done]

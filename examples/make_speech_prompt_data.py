@@ -16,14 +16,25 @@ import argparse
 import json
 import os
 import random
+from typing import NamedTuple
 
 import torch
 
 from speechllm import AUDIO_PLACEHOLDER
-from speechllm.data import read_jsonl, sentence_case
+from speechllm.data import Example, read_jsonl, sentence_case
 from speechllm.errors import run_command_line
 from speechllm.model import load_llm, stop_token_ids
 from speechllm.results import PartialResults, write_whole
+
+
+class Job(NamedTuple):
+    key: str  # of the output line
+    example: Example
+    prompt: str  # the instruction with the audio's placeholder
+
+
+def speech_prompt(instruction: str) -> str:
+    return f"{instruction}\n{AUDIO_PLACEHOLDER}" if instruction else AUDIO_PLACEHOLDER
 
 
 def llm_answers(llm, tokenizer, questions: list[str], max_new_tokens: int, system_prompt=None) -> list[str]:
@@ -68,36 +79,38 @@ def main(argv=None):
 
     instructions = args.instruction or [""]
     examples = read_jsonl(args.input)  # every line checked before the LLM loads
-    if args.sample is not None:
-        examples = random.Random(args.seed).sample(examples, min(args.sample, len(examples)))
+    if args.sample is not None:  # kept in input order
+        chosen = random.Random(args.seed).sample(range(len(examples)), min(args.sample, len(examples)))
+        examples = [examples[i] for i in sorted(chosen)]
     if args.recase_all_caps:
         for example in examples:
             example.txt = sentence_case(example.txt)
     jobs = [
-        (example.key if len(instructions) == 1 else f"{example.key}-{i}", example, instruction)
+        Job(example.key if len(instructions) == 1 else f"{example.key}-{i}", example, speech_prompt(instruction))
         for example in examples
         for i, instruction in enumerate(instructions)
     ]
-    settings = vars(args) | {"input": os.path.abspath(args.input), "output": None, "batch_size": None}
+    settings = {  # what the answers depend on; a rerun with more or fewer clips reuses those answered
+        "input": os.path.abspath(args.input),
+        **{name: getattr(args, name) for name in ("llm", "system_prompt", "max_new_tokens", "recase_all_caps")},
+        "instructions": instructions,
+    }
     partial = PartialResults(args.output, 0, settings)
     done = partial.done()  # what an interrupted run wrote
-    todo = [job for job in jobs if job[0] not in done]
+    todo = [job for job in jobs if job.key not in done]
 
     llm, tokenizer = load_llm(args.llm, torch.float32)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]
-        prompts = [
-            f"{instruction}\n{AUDIO_PLACEHOLDER}" if instruction else AUDIO_PLACEHOLDER for *_, instruction in batch
-        ]
-        questions = [prompt.replace(AUDIO_PLACEHOLDER, e.txt) for prompt, (_, e, _) in zip(prompts, batch)]
+        questions = [job.prompt.replace(AUDIO_PLACEHOLDER, job.example.txt) for job in batch]
         answers = llm_answers(llm, tokenizer, questions, args.max_new_tokens, args.system_prompt)
         answered = [
-            {"key": key, "wav": example.wav, "txt": answer, "prompt": prompt, "transcript": example.txt}
-            for (key, example, _), prompt, answer in zip(batch, prompts, answers)
+            {"key": job.key, "wav": job.example.wav, "txt": answer, "prompt": job.prompt, "transcript": job.example.txt}
+            for job, answer in zip(batch, answers)
         ]
         partial.add(answered)
         done |= {row["key"]: row for row in answered}
-    write_whole(args.output, [json.dumps(done[key], ensure_ascii=False) for key, *_ in jobs])
+    write_whole(args.output, [json.dumps(done[job.key], ensure_ascii=False) for job in jobs])
     partial.remove()
 
 

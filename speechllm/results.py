@@ -58,7 +58,7 @@ class PartialResults:
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
 
     def files(self) -> list[str]:
-        return sorted(glob.glob(glob.escape(self.result_path) + ".part*"))
+        return sorted(glob.glob(glob.escape(self.result_path) + ".part[0-9]*"))
 
     def done(self) -> dict[str, dict]:
         """key -> result row, from every process's part file."""

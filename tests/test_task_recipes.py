@@ -23,22 +23,23 @@ def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path, capsy
     source = str(EXAMPLES / "audio" / "data.jsonl")
     references = read_jsonl(source)
     output = tmp_path / "ger.jsonl"
-    first = {"key": references[0].key, "wav": references[0].wav, "txt": references[0].txt, "nbest": ["kept"]}
+    last = {"key": references[-1].key, "wav": references[-1].wav, "txt": references[-1].txt, "nbest": ["kept"]}
     args = ["--whisper", whisper_tiny_en(), "--nbest", "4", source, str(output)]
-    killed = PartialResults(str(output), 0, {"whisper": whisper_tiny_en(), "nbest": 4, "model_dtype": "float32"})
-    killed.add([first])
+    settings = {"input": source, "whisper": whisper_tiny_en(), "nbest": 4, "model_dtype": "float32"}
+    killed = PartialResults(str(output), 0, settings)
+    killed.add([last])
     with open(killed.path, "a") as file:
         file.write('{"key": "LJ0')  # torn by the kill
-    other = PartialResults(str(tmp_path / "other.jsonl"), 0, {"whisper": whisper_tiny_en(), "nbest": 5})
-    other.add([first])
+    other = PartialResults(str(tmp_path / "other.jsonl"), 0, settings | {"nbest": 5})
+    other.add([last])
     with pytest.raises(SystemExit):  # written with another beam: refused, not mixed in
         recipe.run_command_line(recipe.main, args[:-1] + [str(tmp_path / "other.jsonl")])
     assert "nbest: 5 there, 4 now" in capsys.readouterr().err
     recipe.main(args)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [(r["key"], r["txt"], r["wav"]) for r in rows] == [(e.key, e.txt, e.wav) for e in references]
-    assert rows[0]["nbest"] == ["kept"] and killed.files() == []  # resumed, not redone
-    for row in rows[1:]:
+    assert [(r["key"], r["txt"], r["wav"]) for r in rows] == [(e.key, e.txt, e.wav) for e in references]  # in order
+    assert rows[-1]["nbest"] == ["kept"] and killed.files() == []  # resumed, not redone
+    for row in rows[:-1]:
         assert 2 <= len(row["nbest"]) <= 4 and len(set(row["nbest"])) == len(row["nbest"])  # distinct beams
     assert SpeechDataset(str(output)).examples[1].nbest == rows[1]["nbest"]
 
@@ -69,7 +70,7 @@ def test_speech_prompt_data_several_instructions_with_the_llms_answers_and_trans
     assert SpeechDataset(str(output), require_transcript=True)[1]["transcript"] == tiny["texts"][0]
 
 
-def test_speech_prompt_data_answers_a_seeded_sample_with_all_caps_transcripts_recased(tiny, tmp_path):
+def test_speech_prompt_data_answers_a_seeded_sample_with_all_caps_transcripts_recased(tiny, tmp_path, capsys):
     recipe = load_script("examples/make_speech_prompt_data.py")
     rows = [json.loads(line) for line in Path(tiny["jsonl"]).read_text().splitlines()]
     shouting = tmp_path / "caps.jsonl"  # audio paths made absolute: the copy lives elsewhere
@@ -82,24 +83,21 @@ def test_speech_prompt_data_answers_a_seeded_sample_with_all_caps_transcripts_re
     output = tmp_path / "sample.jsonl"
     args = ["--llm", tiny["qwen2"], "--max_new_tokens", "2", "--sample", "2", "--seed", "3", "--recase_all_caps"]
     args += ["--batch_size", "1", str(shouting), str(output)]
+    chosen = sorted(random.Random(3).sample(range(len(rows)), 2))  # in input order
+    settings = {"input": str(shouting), "llm": tiny["qwen2"], "system_prompt": None, "max_new_tokens": 2}
+    settings |= {"recase_all_caps": True, "instructions": [""]}
+    killed = PartialResults(str(output), 0, settings)
+    killed.add([{"key": rows[chosen[-1]]["key"], "txt": "kept"}])  # the last clip, answered before a kill
+    with pytest.raises(SystemExit):  # other options: refused, not mixed in
+        recipe.run_command_line(recipe.main, args + ["--max_new_tokens", "3"])
+    assert "max_new_tokens: 2 there, 3 now" in capsys.readouterr().err
     answer, calls = recipe.llm_answers, []
-
-    def killed_after_one_batch(*call):
-        calls.append(call)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return answer(*call)
-
-    recipe.llm_answers = killed_after_one_batch
-    with pytest.raises(KeyboardInterrupt):
-        recipe.main(args)
     recipe.llm_answers = lambda *call: calls.append(call) or answer(*call)
     recipe.main(args)
-    assert len(calls) == 3  # the rerun answered only the clip the killed run had not
+    assert len(calls) == 1 and killed.files() == []  # only the clip not yet answered
     written = [json.loads(line) for line in output.read_text().splitlines()]
-    expected = random.Random(3).sample(range(len(rows)), 2)
-    assert [w["key"] for w in written] == [rows[i]["key"] for i in expected]
-    assert [w["transcript"] for w in written] == [tiny["texts"][i].capitalize() for i in expected]
+    assert [w["key"] for w in written] == [rows[i]["key"] for i in chosen]
+    assert written[0]["transcript"] == tiny["texts"][chosen[0]].capitalize() and written[-1]["txt"] == "kept"
 
 
 def test_prepare_jsonl_matches_audio_to_transcripts(tmp_path):
