@@ -12,8 +12,8 @@ from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 WEIGHTS_NAME = "model.safetensors"
 SAVED_FILES = [CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME]  # all that save_pretrained writes
-HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
-AUTO_CLASS_OPTIONS = ("_from_auto", "trust_remote_code", "adapter_kwargs")  # what AutoModel passes on; unused here
+HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+AUTO_CLASS_OPTIONS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "proxies")  # AutoModel passes; unused here
 PUSH_OPTIONS = ("repo_id", "commit_message", "private", "token", "create_pr", "revision")
 
 
@@ -26,10 +26,15 @@ def pretrained_folder(path, options: dict) -> tuple[str, dict]:
     """The local folder of a saved SpeechLLM given as the folder, its model.safetensors, or a hub id; and the
     from_pretrained options left once the hub's (HUB_OPTIONS) and AutoModel's own are taken out."""
     hub_options, options = split_options(options, HUB_OPTIONS)
-    options = split_options(options, AUTO_CLASS_OPTIONS)[1]
+    auto_options, options = split_options(options, AUTO_CLASS_OPTIONS)
+    if auto_options.get("proxies"):  # AutoModel always passes the option (None unless given)
+        raise ValueError(
+            "proxies: huggingface_hub takes them from the HTTPS_PROXY and HTTP_PROXY environment variables"
+        )
     path = os.fspath(path)
     if os.path.isdir(path):
-        return path, options
+        subfolder = hub_options.get("subfolder")
+        return (os.path.join(path, subfolder) if subfolder else path), options
     if os.path.isfile(path):
         if os.path.basename(path) != WEIGHTS_NAME:
             raise ValueError(f"{path}: expected a saved SpeechLLM's folder or its {WEIGHTS_NAME}")

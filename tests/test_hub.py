@@ -75,6 +75,14 @@ def test_auto_classes_know_speechllm(saved, tiny):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+def test_a_saved_model_in_a_subfolder_loads_and_proxies_are_refused(saved, tmp_path):
+    model, folder = saved
+    shutil.copytree(folder, tmp_path / "repo" / "asr")
+    assert_same_projector(AutoModel.from_pretrained(tmp_path / "repo", subfolder="asr"), model)
+    with pytest.raises(ValueError, match=r"^proxies: huggingface_hub takes them from the HTTPS_PROXY"):
+        SpeechLLM.from_pretrained(folder, proxies={"https": "proxy:3128"})
+
+
 def test_push_to_hub_uploads_the_saved_folder(saved, monkeypatch, tmp_path):
     model, _ = saved
     calls = []
