@@ -91,9 +91,9 @@ def main(argv=None) -> dict:
     examples = read_jsonl(args.data, require_text=False)
     examples = examples[:: max(1, len(examples) // args.limit)][: args.limit] if args.limit else examples
     for example in examples:
-        transcript(example)  # every line checked before the models load
+        text = transcript(example)  # every line checked before the models load
         if args.recase_all_caps:
-            example.transcript = sentence_case(transcript(example))
+            example.transcript = sentence_case(text)
     model = SpeechLLM.from_pretrained(
         args.model,
         whisper_model_name_or_path=args.whisper_model_name_or_path,
