@@ -387,7 +387,7 @@ class SpeechLLM(PreTrainedModel):
         model.load_trained(path)
         if os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):
             model.generation_config = GenerationConfig.from_pretrained(path)
-        return model
+        return model.eval()  # as HF's from_pretrained: LoRA's dropout off; the Trainer turns training mode on itself
 
     def load_trained(self, path):
         """The projector's (and LoRA's) weights from a folder save_pretrained or a checkpoint wrote."""

@@ -128,3 +128,63 @@ def test_zero3_with_lora_on_two_cpu_ranks(tiny, data, tmp_path):  # noqa: F811
     assert lora_keys(final) and set(weights(checkpoints(tmp_path)[0])) == set(final)
     first = weights(Path(tmp_path) / "checkpoint-1")
     assert any(not torch.equal(first[k], final[k]) for k in lora_keys(final)), "LoRA did not train under ZeRO-3"
+
+
+@pytest.fixture
+def lora_with_dropout(make_model, tmp_path):
+    """A saved LoRA model whose dropout would show: trained-looking B weights and a high dropout rate."""
+    model = make_model(lora_rank=4, lora_target_modules="q_proj,v_proj", lora_dropout=0.5)
+    torch.manual_seed(1)
+    for name, parameter in model.trained_parameters().items():
+        if "lora_B" in name or name.startswith("projector.linear2"):
+            torch.nn.init.normal_(parameter, std=0.5)
+    model.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def test_a_loaded_model_answers_the_same_way_twice(lora_with_dropout, tiny):
+    # from_pretrained returned a model in training mode: LoRA's dropout then changed every answer (issue 21).
+    loaded = SpeechLLM.from_pretrained(lora_with_dropout)
+    assert not any(module.training for module in loaded.modules())
+    dataset = SpeechDataset(tiny["jsonl"])
+    batch = Collator(loaded.processor)([dataset[i] for i in range(3)])
+    batch.pop("labels")
+    with torch.no_grad():
+        first, second = loaded(**batch).logits, loaded(**batch).logits
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    # In training mode the same calls differ: the dropout is there to be switched off.
+    with torch.no_grad():
+        assert not torch.equal(loaded.train()(**batch).logits, loaded(**batch).logits)
+    loaded.eval()
+    wavs = [e.wav for e in dataset.examples]
+    assert loaded.transcribe(wavs, max_new_tokens=6) == loaded.transcribe(wavs, max_new_tokens=6)
+
+
+def test_recognize_writes_the_same_results_twice(lora_with_dropout, tiny, tmp_path):
+    from speechllm.recognition import main as recognize_main
+
+    results = []
+    for run in ("a", "b"):
+        path = tmp_path / f"{run}.txt"
+        recognize_main(
+            [
+                "--projector_model_path",
+                lora_with_dropout,
+                "--data_path",
+                tiny["jsonl"],
+                "--result_path",
+                str(path),
+                "--num_beams",
+                "1",
+                "--max_new_tokens",
+                "6",
+            ]
+        )
+        results.append(path.read_text())
+    assert results[0] == results[1]
+    eval_answers = (
+        SpeechLLM.from_pretrained(lora_with_dropout)
+        .eval()
+        .transcribe([e.wav for e in SpeechDataset(tiny["jsonl"]).examples], max_new_tokens=6)
+    )
+    assert [line.split("\t")[1] for line in results[0].splitlines()] == [" ".join(a.split()) for a in eval_answers]
