@@ -2,6 +2,8 @@
 txt/tsv/jsonl file in input order), decoded longest first, dealt out across processes, saved as they are produced
 so that a rerun skips what is done."""
 
+import hashlib
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -15,6 +17,7 @@ from transformers import HfArgumentParser
 from .audio import SAMPLE_RATE, AudioError
 from .data import DataError
 from .errors import user_errors
+from .hub import SAVED_FILES, pretrained_folder
 from .inputs import input_seconds, load_input_audio, read_inputs
 from .metrics import error_rate, format_error_rate
 from .model import MODEL_DTYPES, SpeechLLM
@@ -88,6 +91,8 @@ class RecognizeArguments:
 
 # Options that do not change a clip's hypothesis: a rerun may change them and still reuse saved results.
 NOT_IN_SETTINGS = ("data_path", "result_path", "result_format", "batch_size", "metric")
+# What a saved row records of where it came from (its input's identity and source), left out of the results.
+PROVENANCE = ("input", "source")
 
 
 def process_state() -> PartialState:
@@ -135,6 +140,54 @@ def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, p
     return [by_key[e.key] for e in examples]
 
 
+def model_identity(folder: str) -> str:
+    """A digest of the saved model's files (config and trained weights): retrained weights written to the same
+    folder are another model, whose results a rerun must not reuse."""
+    digest = hashlib.sha256()
+    for name in SAVED_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            digest.update(name.encode() + b"\0")
+            with open(path, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_identity(example) -> str:
+    """What a clip's hypothesis is computed from besides the run's settings: its audio file (path, size and
+    modification time, so a file replaced in place is decoded again) and its line's own prompt and cached n-best.
+    Not its key: a line-number key names another clip once a line above it is added or removed."""
+    wav = os.path.abspath(example.wav)
+    stat = os.stat(wav)
+    content = [wav, stat.st_size, stat.st_mtime_ns, example.prompt, example.nbest]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
+def input_source(example) -> str:
+    """The file a clip was listed in: its jsonl (where is "file:line"), or the audio file itself."""
+    listed_in = example.where.rpartition(":")[0] if example.where != example.wav else example.wav
+    return os.path.abspath(listed_in)
+
+
+def reusable_rows(saved: list[dict], examples, identities: dict[str, str], result_path: str) -> dict[str, dict]:
+    """key -> saved row for the clips of this run computed from the same input, matched by input_identity and given
+    the clip's key. Saved rows of this run's files that match no clip are stale (the line or file changed since) and
+    are decoded again; rows of another input are neither mixed in nor deleted: the run is refused."""
+    by_input = {row.get("input"): row for row in saved}
+    done = {e.key: {**by_input[identities[e.key]], "key": e.key} for e in examples if identities[e.key] in by_input}
+    sources = {input_source(e) for e in examples}
+    matched = set(identities.values())
+    foreign = [row for row in saved if row.get("input") not in matched and row.get("source") not in sources]
+    if foreign:
+        raise ResultsError(
+            f"{result_path}.part*: {len(foreign)} saved results of another input (key {foreign[0]['key']!r} from "
+            f"{foreign[0].get('source')}): finish that run, write to another --result_path, or delete the part "
+            "files to discard them"
+        )
+    return done
+
+
 def parse(argv: list[str]) -> tuple[RecognizeArguments, list[str]]:
     parser = HfArgumentParser(RecognizeArguments)
     parser.add_argument("inputs", nargs="*", metavar="AUDIO|FOLDER|JSONL", help="what to transcribe")
@@ -151,13 +204,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     plain = args.result_path is None and args.result_format is None and len(inputs) == 1 and len(examples) == 1
     plain = plain and not os.path.isdir(inputs[0]) and not inputs[0].endswith(".jsonl")  # whisper's `whisper clip`
 
-    partial, done = None, {}
+    partial, done, save = None, {}, None
     if args.result_path:
+        with user_errors(ValueError, OSError):  # found before the models load: the saved model's files are read now
+            folder, _ = pretrained_folder(args.projector_model_path, {})
         settings = {k: v for k, v in asdict(args).items() if k not in NOT_IN_SETTINGS}
+        settings["model"] = model_identity(folder)
         partial = PartialResults(args.result_path, state.process_index, settings)
-        keys = {e.key for e in examples}
+        identities = {e.key: input_identity(e) for e in examples}
+        provenance = {e.key: {"input": identities[e.key], "source": input_source(e)} for e in examples}
+        save = lambda rows: partial.add([{**row, **provenance[row["key"]]} for row in rows])  # noqa: E731
         with user_errors(ResultsError, OSError):
-            done = {key: row for key, row in partial.done().items() if key in keys}
+            done = reusable_rows(partial.rows(), examples, identities, args.result_path)
         state.wait_for_everyone()  # every process has read the same saved results before any adds to them
         if done and state.is_main_process:
             print(f"{len(done)} of {len(examples)} clips done in {args.result_path}.part*: skipped", file=sys.stderr)
@@ -180,7 +238,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.llm_int8:
             with user_errors(ValueError):
                 quantize_llm_int8(model.llm)
-        save = partial.add if partial else None
         with user_errors(DataError, AudioError):
             rows = recognize(
                 model, todo, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt, save,
@@ -190,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
 
     by_key = {**done, **{row["key"]: row for row in rows}}
-    results = [by_key[e.key] for e in examples]
+    results = [{k: v for k, v in by_key[e.key].items() if k not in PROVENANCE} for e in examples]
     if fmt == "jsonl":
         results = [jsonl_row(e, row) for e, row in zip(examples, results)]
     lines = [results[0]["text"]] if plain else format_lines(results, fmt)

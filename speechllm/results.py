@@ -61,8 +61,12 @@ class PartialResults:
         return sorted(glob.glob(glob.escape(self.result_path) + ".part[0-9]*"))
 
     def done(self) -> dict[str, dict]:
-        """key -> result row, from every process's part file."""
-        rows = {}
+        """key -> result row, from every process's part file (a key saved twice: the later row)."""
+        return {row["key"]: row for row in self.rows()}
+
+    def rows(self) -> list[dict]:
+        """Every saved row, from every process's part file, in the order they were saved."""
+        rows = []
         for file in self.files():
             with open(file, encoding="utf-8") as lines:
                 saved = _json_line(lines.readline())
@@ -76,7 +80,7 @@ class PartialResults:
                 for line in lines:
                     row = _json_line(line)
                     if row is not None:  # a line cut short by a kill is decoded again
-                        rows[row["key"]] = row
+                        rows.append(row)
         return rows
 
     def add(self, rows: list[dict]):

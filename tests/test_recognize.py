@@ -248,3 +248,81 @@ def test_loop_guards_pass_from_the_command_line_to_decoding(saved_model, tiny, t
     seen.clear()
     recognize(model_dir, tiny["jsonl"], tmp_path / "plain.txt", *FAST)  # unset: the model's generation_config
     assert seen and all(s == {"no_repeat_ngram_size": None, "repetition_penalty": None} for s in seen), seen
+
+
+def interrupted_run(model_dir, tiny, tmp_path, lines, result_path, corrupt_line):
+    """An unkeyed jsonl of these clips (utt<i>), one of them corrupt, decoded one clip a batch: the run stops at the
+    corrupt clip (the shortest by size, so the last decoded) with the others' rows saved."""
+    bad_wav = tmp_path / "corrupt.wav"
+    bad_wav.write_bytes(b"RIFF not really a wav file")
+    wavs = [str(tiny["root"] / f"utt{i}.wav") for i in lines]
+    wavs[corrupt_line] = str(bad_wav)
+    data = tmp_path / "unkeyed.jsonl"
+    data.write_text("".join(json.dumps({"wav": wav}) + "\n" for wav in wavs))
+    with pytest.raises(SystemExit):
+        recognize(model_dir, data, result_path, *FAST, "--batch_size", "1")
+    assert len(open(f"{result_path}.part0").readlines()) == 1 + len(lines) - 1  # settings, then the good clips
+    return data
+
+
+def test_a_rerun_after_a_line_is_removed_reuses_rows_by_content_not_line_number(saved_model, tiny, tmp_path):
+    model, model_dir = saved_model
+    result_path = tmp_path / "hyp.txt"
+    data = interrupted_run(model_dir, tiny, tmp_path, [0, 1, 2, 3], result_path, corrupt_line=1)
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:1] + lines[2:]))  # the user drops the corrupt line: utt2 is now line 2
+
+    run = command_line("--projector_model_path", model_dir, "--data_path", data, "--result_path", result_path, *FAST)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = model.transcribe([str(tiny["root"] / f"utt{i}.wav") for i in (0, 2, 3)], max_new_tokens=8)
+    assert len(set(expected)) == 3  # distinct clips, distinct texts: a row under the wrong key would show
+    assert read_results(result_path) == [[str(n), " ".join(t.split())] for n, t in enumerate(expected, 1)]
+
+
+def test_a_line_changed_in_place_is_decoded_again(saved_model, tiny, tmp_path):
+    model, model_dir = saved_model
+    result_path = tmp_path / "hyp.txt"
+    data = interrupted_run(model_dir, tiny, tmp_path, [0, 1, 2], result_path, corrupt_line=2)
+    lines = data.read_text().splitlines(keepends=True)
+    swapped = json.dumps({"wav": str(tiny["root"] / "utt3.wav")}) + "\n"
+    data.write_text("".join([swapped, lines[1], swapped.replace("utt3", "utt2")]))  # line 1 now another clip
+    recognize(model_dir, data, result_path, *FAST)
+    expected = model.transcribe([str(tiny["root"] / f"utt{i}.wav") for i in (3, 1, 2)], max_new_tokens=8)
+    assert [text for _, text in read_results(result_path)] == [" ".join(t.split()) for t in expected]
+
+
+def test_saved_rows_of_another_input_are_neither_mixed_in_nor_deleted(saved_model, tiny, tmp_path, capsys):
+    _, model_dir = saved_model
+    result_path = tmp_path / "hyp.txt"
+    interrupted_run(model_dir, tiny, tmp_path, [0, 1, 2, 3], result_path, corrupt_line=1)
+    saved = open(f"{result_path}.part0").read()
+    other = tmp_path / "other" / "unkeyed.jsonl"  # another clip under line-number key 1, saved for the first file
+    other.parent.mkdir()
+    other.write_text(json.dumps({"wav": str(tiny["root"] / "utt1.wav")}) + "\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        recognize(model_dir, other, result_path, *FAST)
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "saved results of another input" in error[0]
+    assert f"from {tmp_path / 'unkeyed.jsonl'}" in error[0]
+    assert open(f"{result_path}.part0").read() == saved and not result_path.exists()
+
+
+def test_results_of_retrained_weights_at_the_same_path_are_not_reused(saved_model, make_model, tiny, tmp_path, capsys):
+    _, model_dir = saved_model
+    result_path = tmp_path / "hyp.txt"
+    data = interrupted_run(model_dir, tiny, tmp_path, [0, 1, 2, 3], result_path, corrupt_line=1)
+    saved = open(f"{result_path}.part0").read()
+    retrained = make_model()
+    torch.nn.init.normal_(retrained.projector.linear2.weight, std=0.7)
+    retrained.save_pretrained(model_dir)  # same folder, same config, other weights
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:1] + lines[2:]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        recognize(model_dir, data, result_path, *FAST)
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "other settings (model: " in error[0]
+    assert open(f"{result_path}.part0").read() == saved
