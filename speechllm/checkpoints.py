@@ -17,6 +17,30 @@ from .errors import InputError
 from .model import WEIGHTS_NAME
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+RUN_OPTIONS_NAME = "run_options.json"  # the model, data and distillation options a checkpoint was trained with
+
+
+def save_run_options(folder: str, options: dict):
+    """Written with a checkpoint's weights (before trainer_state.json, which marks it complete)."""
+    with open(os.path.join(folder, RUN_OPTIONS_NAME), "w", encoding="utf-8") as file:
+        json.dump(options, file, indent=2, sort_keys=True)
+
+
+def check_run_options(checkpoint: str, options: dict, way_on: str):
+    """A checkpoint resumes only a run with the options it was trained with: resumed with another prompt or data, the
+    Trainer would go on from (or, past its last step, simply save) the old run's weights under the new options."""
+    try:
+        with open(os.path.join(checkpoint, RUN_OPTIONS_NAME), encoding="utf-8") as file:
+            saved = json.load(file)
+    except FileNotFoundError:
+        return  # saved before its options were recorded
+    except ValueError:
+        raise InputError(f"{checkpoint}: {RUN_OPTIONS_NAME} does not read back; {way_on}") from None
+    options = json.loads(json.dumps(options))  # as it reads back from the file
+    changed = [name for name in sorted(saved.keys() | options.keys()) if saved.get(name) != options.get(name)]
+    if changed:
+        differences = ", ".join(f"--{name} {saved.get(name)!r} there, {options.get(name)!r} now" for name in changed)
+        raise InputError(f"{checkpoint}: trained with other options ({differences}); {way_on}")
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -40,13 +64,17 @@ def _state_reads_back(checkpoint: str) -> bool:
 
 
 def checkpoint_to_resume(
-    output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool, is_main_process: bool
+    output_dir: str,
+    resume_from_checkpoint: str | None,
+    overwrite_output_dir: bool,
+    is_main_process: bool,
+    options: dict | None = None,
 ) -> str | None:
     """The checkpoint asked for, else the newest complete one in output_dir, else None (start from step 0).
 
     The main process deletes the checkpoints whose save was cut short (no trainer_state.json to read: they would
     count against save_total_limit), and with overwrite_output_dir every checkpoint, so that a later resume cannot
-    pick up the old run's.
+    pick up the old run's. options: this run's (save_run_options); a checkpoint trained with others is an InputError.
     """
     if resume_from_checkpoint:
         if overwrite_output_dir:
@@ -56,6 +84,9 @@ def checkpoint_to_resume(
                 f"{resume_from_checkpoint}: not a complete checkpoint (no {WEIGHTS_NAME}, or no readable "
                 f"{TRAINER_STATE_NAME}, which is written last: was its save interrupted?)"
             )
+        if options is not None:
+            way_on = "start a new run from its weights with --projector_model_path instead"
+            check_run_options(resume_from_checkpoint, options, way_on)
         return resume_from_checkpoint
     if not os.path.isdir(output_dir):
         return None
@@ -65,4 +96,9 @@ def checkpoint_to_resume(
         for checkpoint in found:
             if overwrite_output_dir or not _state_reads_back(checkpoint):
                 shutil.rmtree(checkpoint)
-    return complete[-1] if complete and not overwrite_output_dir else None
+    if not complete or overwrite_output_dir:
+        return None
+    if options is not None:
+        way_on = "--overwrite_output_dir starts afresh (deleting its checkpoints), or give another --output_dir"
+        check_run_options(complete[-1], options, way_on)
+    return complete[-1]

@@ -12,7 +12,7 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .augment import AugmentArguments, spec_augment
-from .checkpoints import checkpoint_to_resume
+from .checkpoints import checkpoint_to_resume, save_run_options
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
 from .errors import InputError, run_command_line
@@ -104,9 +104,11 @@ class SpeechLLMTrainer(Trainer):
         *args,
         distill_args: DistillArguments | None = None,
         augment_args: AugmentArguments | None = None,
+        run_options: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.run_options = run_options  # saved with every checkpoint, so a resume can check it continues this run
         self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
         self.augment = augment_args if augment_args and augment_args.spec_augment else None
         # mel, mel_frames and audio_tokens have a row per 30 s window, not per clip: a split of the batch along its
@@ -128,6 +130,8 @@ class SpeechLLMTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
         self.model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
+        if self.run_options is not None and self.args.should_save:
+            save_run_options(output_dir or self.args.output_dir, self.run_options)
         if self.args.push_to_hub and not _internal_call:  # what Trainer.save_model does after saving
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -247,11 +251,15 @@ def main(argv: list[str] | None = None):
     if training_args.train_sampling_strategy == "group_by_length":
         for data in [d for d in (train_data, eval_data) if d is not None]:
             data.lengths  # the audio headers, read now: one that cannot be read fails before the models load
+    run_options = {**asdict(model_args), **asdict(data_args), **asdict(distill_args)}
+    for name in ("data_path", "eval_data_path"):  # the files, wherever the run is started from
+        run_options[name] = run_options[name] and os.path.abspath(run_options[name])
     resume = checkpoint_to_resume(
         training_args.output_dir,
         training_args.resume_from_checkpoint,
         resume_args.overwrite_output_dir,
         training_args.should_save,
+        run_options,
     )
     set_seed(training_args.seed)  # before the projector is initialised (the Trainer seeds only after that)
     model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None):
         data_collator=collator,
         distill_args=distill_args,
         augment_args=augment_args,
+        run_options=run_options,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)

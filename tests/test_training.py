@@ -288,7 +288,7 @@ def interrupt_save(checkpoint: Path, at: str, written: float):
     """The checkpoint a kill -9 leaves while the Trainer writes file `at`: the files before it whole, this fraction of
     it, none of the ones after it."""
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
-        SAVE_ORDER + ["config.json", "generation_config.json"]
+        SAVE_ORDER + ["config.json", "generation_config.json", "run_options.json"]
     )
     unwritten = SAVE_ORDER[SAVE_ORDER.index(at) :]
     (checkpoint / at).write_bytes((checkpoint / at).read_bytes()[: int(written * (checkpoint / at).stat().st_size)])
@@ -326,6 +326,56 @@ def test_overwrite_output_dir_starts_afresh(tiny, data, grouped, stopped_at_6, t
     assert record.steps == [1, 2]
     assert [p.name for p in checkpoints(output_dir)] == ["checkpoint-2"]  # the old run's are gone: none to resume
     assert_same(weights(output_dir), weights(Path(grouped.args.output_dir) / "checkpoint-2"))
+
+
+@pytest.mark.parametrize(
+    "options, changed",
+    [
+        (
+            ["--prompt", "<speech>Write it down.", "--learning_rate", "0.01"],
+            "--prompt None there, '<speech>Write it down.' now",
+        ),
+        (["--data_path_of", "data6.jsonl"], "--data_path"),
+        (["--recase_all_caps", "true"], "--recase_all_caps False there, True now"),
+    ],
+)
+def test_a_run_with_other_options_does_not_resume_another_runs_checkpoints(
+    tiny, data, stopped_at_6, tmp_path, options, changed
+):
+    output_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_6, output_dir)
+    if options[0] == "--data_path_of":
+        data, options = str(Path(data).parent / options[1]), []
+    args = train_args(tiny, data, output_dir, *GROUPED, *options)
+    with pytest.raises(InputError) as error:
+        training.main(args)
+    message = str(error.value)
+    assert message.startswith(f"{output_dir / 'checkpoint-6'}: trained with other options (") and changed in message
+    assert "--overwrite_output_dir" in message and "\n" not in message
+    assert [p.name for p in checkpoints(output_dir)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # kept
+    asked = train_args(tiny, data, tmp_path / "new", *GROUPED, *options)
+    with pytest.raises(InputError, match=r"checkpoint-6: trained with other options .*--projector_model_path"):
+        training.main(asked + ["--resume_from_checkpoint", str(output_dir / "checkpoint-6")])
+
+
+def test_train_py_with_another_prompt_in_a_runs_folder_stops_with_one_line(tiny, data, stopped_at_6, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_6, output_dir)
+    args = train_args(tiny, data, output_dir, *GROUPED, "--prompt", "<speech>Write it down.")
+    saved = (output_dir / "model.safetensors").read_bytes()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "Warning" not in line and "warn(" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: {output_dir / 'checkpoint-6'}: trained with")
+    assert trainer_state(checkpoints(output_dir)[-1])["global_step"] == 6
+    assert (output_dir / "model.safetensors").read_bytes() == saved  # not the old weights saved under a new config
 
 
 def test_evaluation_with_group_by_length(tiny, data, tmp_path):
