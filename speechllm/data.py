@@ -3,6 +3,7 @@ the file and line."""
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,11 +37,15 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
     examples, keys = [], {}
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as error:
@@ -51,6 +56,9 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
             for field in fields:
                 if not isinstance(item.get(field), str):
                     raise DataError(f"{where}: missing string field {field!r}")
+            for field in ("txt", "transcript"):  # optional where not required, but text where given
+                if item.get(field) is not None and not isinstance(item[field], str):
+                    raise DataError(f"{where}: {field!r} must be a string, not {item[field]!r}")
             wav = os.path.normpath(os.path.join(folder, item["wav"]))  # an absolute "wav" stays absolute
             if not os.path.isfile(wav):
                 raise DataError(f"{where}: audio file not found: {wav}")
@@ -64,7 +72,8 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
                     raise DataError(f"{where}: 'prompt' must be a string")
                 with _naming(where):
                     check_prompt(prompt)
-            seconds = isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration >= 0
+            seconds = isinstance(duration, (int, float)) and not isinstance(duration, bool)
+            seconds = seconds and math.isfinite(duration) and duration >= 0  # json reads Infinity and NaN
             if duration is not None and not seconds:
                 raise DataError(f"{where}: 'duration' must be a number of seconds, not {duration!r}")
             if nbest is not None and not (isinstance(nbest, list) and nbest and all(isinstance(h, str) for h in nbest)):

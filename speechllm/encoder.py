@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 import whisper
+from safetensors import SafetensorError
 from torch import nn
 
 from .audio import ENCODER_STRIDE
@@ -56,7 +57,7 @@ def load_whisper_encoder(name_or_path: str, dtype: torch.dtype = torch.float32) 
     """Whisper's encoder from any checkpoint format; the decoder's weights are never kept."""
     try:
         dims, state_dict = load_whisper_checkpoint(name_or_path)
-    except (OSError, ValueError) as error:  # not a format it reads, or a name it cannot download
+    except (OSError, ValueError, SafetensorError) as error:  # not a format it reads, a torn file, or not downloaded
         raise InputError(f"cannot load the Whisper model {name_or_path!r}: {error}") from error
     encoder = WhisperEncoder(dims)
     prefix = "encoder."

@@ -4,10 +4,12 @@ Hub repositories are fetched with huggingface_hub, so its cache and its switches
 model already in the cache loads without a network.
 """
 
+import json
 import os
 
 from huggingface_hub import HfApi, hf_hub_download, is_offline_mode
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from safetensors import SafetensorError, safe_open
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 WEIGHTS_NAME = "model.safetensors"
@@ -24,7 +26,39 @@ def split_options(options: dict, names) -> tuple[dict, dict]:
 
 def pretrained_folder(path, options: dict) -> tuple[str, dict]:
     """The local folder of a saved SpeechLLM given as the folder, its model.safetensors, or a hub id; and the
-    from_pretrained options left once the hub's (HUB_OPTIONS) and AutoModel's own are taken out."""
+    from_pretrained options left once the hub's (HUB_OPTIONS) and AutoModel's own are taken out. The folder's files
+    are checked (check_saved_model), so a wrong path fails before any frozen model is built."""
+    folder, options = _find_folder(path, options)
+    check_saved_model(folder)
+    return folder, options
+
+
+def check_saved_model(folder: str):
+    """The folder holds what save_pretrained writes: a SpeechLLM config and a whole weights file (its header read,
+    not its tensors)."""
+    try:
+        with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as file:
+            model_type = json.load(file).get("model_type")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}: not a saved SpeechLLM") from None
+    except (ValueError, AttributeError):
+        raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: not a JSON object") from None
+    if model_type != "speechllm":
+        raise ValueError(
+            f"{folder}: a {model_type!r} model, not a saved SpeechLLM (model_type 'speechllm'): give the folder "
+            "train.py or save_pretrained wrote"
+        )
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: no trained weights here")
+    try:
+        with safe_open(weights, "pt"):
+            pass
+    except SafetensorError as error:
+        raise ValueError(f"{weights}: not a whole safetensors file ({error}): was its save interrupted?") from None
+
+
+def _find_folder(path, options: dict) -> tuple[str, dict]:
     hub_options, options = split_options(options, HUB_OPTIONS)
     auto_options, options = split_options(options, AUTO_CLASS_OPTIONS)
     if auto_options.get("proxies"):  # AutoModel always passes the option (None unless given)
@@ -39,6 +73,8 @@ def pretrained_folder(path, options: dict) -> tuple[str, dict]:
         if os.path.basename(path) != WEIGHTS_NAME:
             raise ValueError(f"{path}: expected a saved SpeechLLM's folder or its {WEIGHTS_NAME}")
         return os.path.dirname(path) or ".", options
+    if os.path.isdir(os.path.dirname(path)):  # "runs/my_modle": a local path misspelt, not a hub id to look up
+        raise FileNotFoundError(f"{path}: no such folder or file")
     try:
         files = [hf_hub_download(path, name, **hub_options) for name in (CONFIG_NAME, WEIGHTS_NAME)]
     except HFValidationError:  # not even shaped like a repo id

@@ -3,8 +3,11 @@ the LLM keeps its class and its forward), so a small LLM can adapt to projected 
 
 import contextlib
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .errors import InputError
 
 LORA_MARKER = "lora_"  # every parameter peft's LoRA adds has this in its name, and no frozen one does
 
@@ -15,7 +18,14 @@ def add_lora(llm, rank: int, alpha: float, dropout: float, target_modules: str):
     if rank <= 0:
         raise ValueError(f"lora_rank must be positive to add LoRA, not {rank}")
     targets = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets), llm)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in llm.named_modules() if isinstance(m, torch.nn.Linear)})
+    if targets != "all-linear" and not set(targets) & set(linear):  # peft's own error is a multi-line traceback
+        raise InputError(
+            f"lora_target_modules {target_modules!r} names no layer of the LLM: 'all-linear', or some of "
+            f"{','.join(linear)}"
+        )
+    inject_adapter_in_model(config, llm)
     for name, parameter in llm.named_parameters():
         parameter.requires_grad_(is_lora_parameter(name))
     return llm

@@ -22,10 +22,10 @@ from whisper.normalizers import BasicTextNormalizer
 
 from .audio import log_mel_batch, split_windows
 from .data import Collator, load_example_audio
-from .processor import AUDIO_PLACEHOLDER
+from .errors import InputError
+from .processor import AUDIO_PLACEHOLDER, NBEST_PLACEHOLDER, check_prompt
 from .whisper_formats import load_whisper_checkpoint
 
-NBEST_PLACEHOLDER = "<nbest>"
 _normalize = BasicTextNormalizer()  # lower case, no punctuation; for any language
 DEFAULT_NBEST_PROMPT = (
     f"Speech recognition hypotheses, best first:\n{NBEST_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}Write the correct transcript."
@@ -107,10 +107,24 @@ def decoder_for(config, dtype: torch.dtype) -> WhisperDecoder | None:
 
 def check_template(prompt: str):
     if prompt.count(NBEST_PLACEHOLDER) != 1:
-        raise ValueError(
+        raise InputError(
             f"an error correction prompt must contain {NBEST_PLACEHOLDER!r} exactly once: {prompt!r} "
             f"(the default one: {DEFAULT_NBEST_PROMPT!r})"
         )
+
+
+def check_task_prompt(config, prompt: str):
+    """A prompt fits the model's task (config: nbest and ger_decoding): <speech> once, and <nbest> once for error
+    correction (at most once for a model that only chooses), never for plain recognition, which has no hypotheses to
+    write there (its LLM would read "<nbest>" as text). Checked before the models load."""
+    check_prompt(prompt)
+    if not config.nbest:
+        if NBEST_PLACEHOLDER in prompt:
+            raise InputError(
+                f"{NBEST_PLACEHOLDER!r} in a prompt for a model without error correction (nbest 0): {prompt!r}"
+            )
+    elif config.ger_decoding != "rescore" or NBEST_PLACEHOLDER in prompt:
+        check_template(prompt)
 
 
 def render_prompt(template: str, hypotheses: list[str]) -> str:

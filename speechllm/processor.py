@@ -13,6 +13,7 @@ from .audio import ENCODER_STRIDE, log_mel_batch, num_audio_tokens, split_window
 from .errors import InputError
 
 AUDIO_PLACEHOLDER = "<speech>"
+NBEST_PLACEHOLDER = "<nbest>"  # error correction's (nbest.py): replaced by the hypotheses before a prompt gets here
 IGNORE_INDEX = -100  # positions the loss skips
 ANSWER_SLOT = "\x00answer\x00"  # rendered in place of an answer, to find where the template puts answers
 
@@ -20,6 +21,15 @@ ANSWER_SLOT = "\x00answer\x00"  # rendered in place of an answer, to find where 
 def check_prompt(prompt: str):
     if prompt.count(AUDIO_PLACEHOLDER) != 1:
         raise InputError(f"a prompt must contain {AUDIO_PLACEHOLDER!r} exactly once: {prompt!r}")
+
+
+def check_system_prompt(system_prompt: str | None):
+    """The audio goes into the user's turn: a placeholder in the system prompt would reach the LLM as text."""
+    for placeholder in (AUDIO_PLACEHOLDER, NBEST_PLACEHOLDER):
+        if system_prompt is not None and placeholder in system_prompt:
+            raise InputError(
+                f"the system prompt holds {placeholder!r}, which only the (user) prompt may: {system_prompt!r}"
+            )
 
 
 class Processor:
@@ -32,6 +42,7 @@ class Processor:
         self.prompt, self.system_prompt = prompt, system_prompt
         self.n_mels, self.kernel_size, self.audio_mode = n_mels, kernel_size, audio_mode
         check_prompt(prompt)
+        check_system_prompt(system_prompt)
         self._prompt_cache = {}
 
     def _messages(self, prompt: str) -> list[dict]:
@@ -47,6 +58,8 @@ class Processor:
         date gives every sample the same chat, also across midnight)."""
         if prompt not in self._prompt_cache:
             check_prompt(prompt)
+            if NBEST_PLACEHOLDER in prompt:  # a model with no n-best to write there: the LLM would read it as text
+                raise InputError(f"{NBEST_PLACEHOLDER!r} in a prompt for a model without error correction: {prompt!r}")
             messages = self._messages(prompt)
             for _ in range(2):  # two renders could still straddle midnight: a second pair cannot
                 chat = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -16,11 +16,12 @@ from transformers import HfArgumentParser
 
 from .audio import SAMPLE_RATE, AudioError
 from .data import DataError
-from .errors import user_errors
+from .errors import InputError, user_errors
 from .hub import SAVED_FILES, pretrained_folder
 from .inputs import input_seconds, load_input_audio, read_inputs
 from .metrics import error_rate, format_error_rate
-from .model import MODEL_DTYPES, SpeechLLM
+from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
+from .nbest import check_task_prompt
 from .quantization import quantize_llm_int8
 from .rescoring import GER_DECODINGS
 from .results import FORMATS, PartialResults, ResultsError, format_lines, result_format, write_whole
@@ -82,6 +83,15 @@ class RecognizeArguments:
         default=False,
         metadata={"help": "CPU: the decoding steps in int8, faster; the text changes a little (measure WER)"},
     )
+
+    def check(self):
+        """What is wrong whatever the model and input: checked before anything is read."""
+        for name in ("batch_size", "num_beams", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name} must be at least 1, not {value}")
+        if self.result_path and os.path.isdir(self.result_path):
+            raise InputError(f"--result_path {self.result_path}: a folder; give the file to write the results to")
 
     def decoding_options(self) -> dict:
         """The loop guards given on the command line; the others keep the model's own."""
@@ -170,6 +180,27 @@ def input_source(example) -> str:
     return os.path.abspath(listed_in)
 
 
+def saved_task(args: RecognizeArguments) -> tuple[str, SpeechLLMConfig]:
+    """The saved model's folder and its config with this run's task options, read without loading any model."""
+    folder, _ = pretrained_folder(args.projector_model_path, {})
+    config = SpeechLLMConfig.from_pretrained(folder)
+    for name in ("nbest", "ger_decoding"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    return folder, config
+
+
+def check_prompts(config: SpeechLLMConfig, examples, prompt: str | None, folder: str):
+    """Every prompt the run would use fits the model's task (nbest.check_task_prompt), named by where it is given."""
+    prompts = {"--prompt": prompt} if prompt is not None else {f"{folder}'s prompt": config.prompt}
+    prompts |= {e.where: e.prompt for e in examples if e.prompt is not None}
+    for where, text in prompts.items():
+        try:
+            check_task_prompt(config, text)
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
+
+
 def reusable_rows(saved: list[dict], examples, identities: dict[str, str], result_path: str) -> dict[str, dict]:
     """key -> saved row for the clips of this run computed from the same input, matched by input_identity and given
     the clip's key. Saved rows of this run's files that match no clip are stale (the line or file changed since) and
@@ -197,17 +228,20 @@ def parse(argv: list[str]) -> tuple[RecognizeArguments, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args, inputs = parse(sys.argv[1:] if argv is None else argv)
+    with user_errors(InputError):
+        args.check()
     state = process_state()
     with user_errors(DataError, OSError):
         examples = read_inputs(inputs)
+    with user_errors(ValueError, OSError):  # before the models load: the saved model's files and every prompt
+        folder, config = saved_task(args)
+        check_prompts(config, examples, args.prompt, args.projector_model_path)
     fmt = result_format(args.result_path, args.result_format)
     plain = args.result_path is None and args.result_format is None and len(inputs) == 1 and len(examples) == 1
     plain = plain and not os.path.isdir(inputs[0]) and not inputs[0].endswith(".jsonl")  # whisper's `whisper clip`
 
     partial, done, save = None, {}, None
     if args.result_path:
-        with user_errors(ValueError, OSError):  # found before the models load: the saved model's files are read now
-            folder, _ = pretrained_folder(args.projector_model_path, {})
         settings = {k: v for k, v in asdict(args).items() if k not in NOT_IN_SETTINGS}
         settings["model"] = model_identity(folder)
         partial = PartialResults(args.result_path, state.process_index, settings)

@@ -18,7 +18,8 @@ from .distill import DistillArguments, Distillation, DistillCollator
 from .errors import InputError, run_command_line
 from .hub import pretrained_folder
 from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
-from .nbest import DEFAULT_NBEST_PROMPT, error_correction_collator
+from .nbest import DEFAULT_NBEST_PROMPT, check_task_prompt, error_correction_collator
+from .processor import check_system_prompt
 
 _DEFAULTS = SpeechLLMConfig()
 
@@ -81,17 +82,51 @@ class ResumeArguments:
     )
 
 
-def build_model(model_args: ModelArguments) -> SpeechLLM:
-    """A new model, or a saved one with the options given on top; LoRA options on a model saved without LoRA
-    add fresh LoRA weights to it, and --nbest on a recognition model gives it the n-best prompt unless --prompt does."""
+def given_options(model_args: ModelArguments) -> tuple[str | None, SpeechLLMConfig | None, dict]:
+    """The saved model's folder and config (None, None for a new model) and the options given on top of them:
+    --nbest on a recognition model gives it the n-best prompt unless --prompt does."""
     given = {k: v for k, v in asdict(model_args).items() if v is not None and k != "projector_model_path"}
     if not model_args.projector_model_path:
-        return SpeechLLM(SpeechLLMConfig(**given))
+        return None, None, given
     path, _ = pretrained_folder(model_args.projector_model_path, {})  # the folder, its model.safetensors or a hub id
     saved = SpeechLLMConfig.from_pretrained(path)
-    new_lora = {k: given.pop(k) for k in list(given) if k.startswith("lora_")} if not saved.lora_rank else {}
     if given.get("nbest") and not saved.nbest and "prompt" not in given:  # an ASR model turned to error correction:
         given["prompt"] = DEFAULT_NBEST_PROMPT  # its saved prompt has no <nbest>
+    return path, saved, given
+
+
+def planned_config(model_args: ModelArguments) -> SpeechLLMConfig:
+    """The config build_model's model will have, read without loading any model."""
+    _, saved, given = given_options(model_args)
+    if saved is None:
+        return SpeechLLMConfig(**given)
+    for name, value in given.items():
+        setattr(saved, name, value)
+    return saved
+
+
+def check_model_options(config: SpeechLLMConfig, distill_args: DistillArguments):
+    """Options that cannot work together, found before the models load."""
+    if config.nbest < 0:
+        raise InputError(f"--nbest must be 0 (plain recognition) or the number of hypotheses, not {config.nbest}")
+    if config.nbest and distill_args.enabled:
+        raise InputError("--nbest (error correction) and --distill_weight (speech as a prompt) do not combine")
+    if config.nbest and not config.ger_audio and not config.lora_rank:
+        raise InputError("--ger_audio false leaves nothing to train without --lora_rank: the projector reads no audio")
+    try:
+        check_task_prompt(config, config.prompt)
+        check_system_prompt(config.system_prompt)
+    except InputError as error:
+        raise InputError(f"--prompt/--system_prompt: {error}") from None
+
+
+def build_model(model_args: ModelArguments) -> SpeechLLM:
+    """A new model, or a saved one with the options given on top (given_options); LoRA options on a model saved
+    without LoRA add fresh LoRA weights to it."""
+    path, saved, given = given_options(model_args)
+    if saved is None:
+        return SpeechLLM(SpeechLLMConfig(**given))
+    new_lora = {k: given.pop(k) for k in list(given) if k.startswith("lora_")} if not saved.lora_rank else {}
     model = SpeechLLM.from_pretrained(path, **given)
     if new_lora.get("lora_rank"):
         model.add_lora(**new_lora)
@@ -246,6 +281,11 @@ def main(argv: list[str] | None = None):
     dataset = functools.partial(
         SpeechDataset, require_transcript=distill_args.enabled, recase_all_caps=data_args.recase_all_caps
     )
+    try:  # the saved model's files (--projector_model_path) are read and checked here, before any model loads
+        config = planned_config(model_args)
+    except (OSError, ValueError) as error:
+        raise InputError(str(error)) from error
+    check_model_options(config, distill_args)
     train_data = dataset(data_args.data_path)
     eval_data = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     if training_args.train_sampling_strategy == "group_by_length":
@@ -263,8 +303,6 @@ def main(argv: list[str] | None = None):
     )
     set_seed(training_args.seed)  # before the projector is initialised (the Trainer seeds only after that)
     model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
-    if model.config.nbest and distill_args.enabled:
-        raise ValueError("--nbest (error correction) and --distill_weight (speech as a prompt) do not combine")
     if model.config.nbest:  # the n-best the jsonl does not cache, decoded once before training
         collator = error_correction_collator(model, [train_data, eval_data], training_args.device)
     else:

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import pickle
 import re
 import struct
 from pathlib import Path
@@ -257,7 +258,12 @@ def _load_huggingface(directory: Path, config: dict) -> Tuple[ModelDimensions, S
 
 
 def _load_openai(path: Union[str, Path]) -> Tuple[ModelDimensions, StateDict]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # not a torch file, or one cut short
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from None
+    if not (isinstance(checkpoint, dict) and {"dims", "model_state_dict"} <= checkpoint.keys()):
+        raise ValueError(f"{path}: not an openai-whisper checkpoint (no 'dims' and 'model_state_dict')")
     return ModelDimensions(**checkpoint["dims"]), checkpoint["model_state_dict"]
 
 

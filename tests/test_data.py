@@ -55,6 +55,27 @@ def test_bad_lines_name_file_and_line(folder, line, message):
         read_jsonl(path)
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"wav": "a.wav", "txt": 123}', "'txt' must be a string, not 123"),  # recognize.py: it would be scored
+        ('{"wav": "a.wav", "transcript": ["x"]}', r"'transcript' must be a string, not \['x'\]"),
+        ('{"wav": "a.wav", "duration": Infinity}', "'duration' must be a number of seconds, not inf"),
+    ],
+)
+def test_optional_fields_must_still_be_what_they_say(folder, line, message):
+    path = write(folder, '{"wav": "a.wav"}', line)
+    with pytest.raises(DataError, match=f"data.jsonl:2: {message}$"):
+        read_jsonl(path, require_text=False)
+
+
+def test_a_line_that_is_not_utf8_is_named(folder):
+    path = folder / "data.jsonl"
+    path.write_bytes(b'{"wav": "a.wav", "txt": "fine"}\n{"wav": "a.wav", "txt": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(DataError, match=r"data.jsonl:2: not UTF-8$"):
+        read_jsonl(str(path))
+
+
 def test_a_missing_jsonl_is_named(folder):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
         read_jsonl(str(folder / "nope.jsonl"))

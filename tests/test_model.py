@@ -10,6 +10,7 @@ from speechllm import SpeechLLM
 from speechllm.audio import SAMPLE_RATE, load_audio, num_audio_tokens
 from speechllm.data import Collator, SpeechDataset
 from speechllm.encoder import load_whisper_encoder
+from speechllm.errors import InputError
 from speechllm.model import load_llm, stop_token_ids
 
 
@@ -85,6 +86,24 @@ def test_unknown_model_names_are_clear_errors(tmp_path):
         load_llm(str(tmp_path / "no-such-llm"), torch.float32)
     with pytest.raises(ValueError, match="no-such-whisper"):
         load_whisper_encoder("no-such-whisper")
+
+
+def test_a_pt_file_that_is_not_a_whisper_checkpoint_is_a_clear_error(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match=r"other.pt: not an openai-whisper checkpoint \(no 'dims' and"):
+        load_whisper_encoder(str(tmp_path / "other.pt"))
+    (tmp_path / "text.pt").write_text("not a checkpoint at all")
+    with pytest.raises(InputError, match=r"text.pt: not a readable PyTorch checkpoint"):
+        load_whisper_encoder(str(tmp_path / "text.pt"))
+
+
+def test_placeholders_where_the_model_cannot_fill_them_are_refused(make_model, tiny):
+    model = make_model()
+    clip = str(tiny["root"] / "utt0.wav")
+    with pytest.raises(InputError, match="'<nbest>' in a prompt for a model without error correction"):
+        model.transcribe(clip, prompt="Hypotheses: <nbest>\n<speech>", max_new_tokens=2)  # not sent as text
+    with pytest.raises(InputError, match="the system prompt holds '<speech>'"):
+        make_model(system_prompt="You hear <speech>.")
 
 
 def test_batched_greedy_equals_one_at_a_time(make_model, tiny):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 from tiny_models import build_hub_cache
 from whisper.normalizers import EnglishTextNormalizer
 
-from speechllm import SpeechLLM
+from speechllm import SpeechLLM, SpeechLLMConfig
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.data import read_jsonl
 from speechllm.quantization import quantize_llm_int8
@@ -326,3 +327,96 @@ def test_results_of_retrained_weights_at_the_same_path_are_not_reused(saved_mode
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "other settings (model: " in error[0]
     assert open(f"{result_path}.part0").read() == saved
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """The checks under test come before the frozen models are built: building one fails the test."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("a frozen model was loaded before the error was found")
+
+    monkeypatch.setattr("speechllm.model.load_whisper_encoder", load)
+
+
+@pytest.fixture(scope="module")
+def error_correction_model(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("ger") / "model"
+    torch.manual_seed(0)
+    SpeechLLM(
+        SpeechLLMConfig(
+            whisper_model_name_or_path=tiny["whisper"],
+            llm_model_name_or_path=tiny["qwen2"],
+            projector_hidden_size=32,
+            model_dtype="float32",
+            nbest=2,
+        )
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def one_error_line(capsys, run) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "model, options, line_prompt, message",
+    [
+        ("plain", ["--prompt", "Transcribe."], None, "--prompt: a prompt must contain '<speech>' exactly once"),
+        ("plain", ["--prompt", "<speech><speech>"], None, "--prompt: a prompt must contain '<speech>' exactly once"),
+        ("plain", ["--prompt", "<nbest>\n<speech>"], None, "--prompt: '<nbest>' in a prompt for a model without"),
+        ("plain", [], "Hypotheses: <nbest> <speech>", r"line\.jsonl:1: '<nbest>' in a prompt for a model without"),
+        ("ger", ["--prompt", "<speech>Fix it."], None, "--prompt: an error correction prompt must contain '<nbest>'"),
+        ("ger", [], "<speech>Fix it.", r"line\.jsonl:1: an error correction prompt must contain '<nbest>'"),
+        ("plain", ["--batch_size", "0"], None, "--batch_size must be at least 1, not 0"),
+        ("plain", ["--num_beams", "0"], None, "--num_beams must be at least 1, not 0"),
+        ("plain", ["--max_new_tokens", "-1"], None, "--max_new_tokens must be at least 1, not -1"),
+    ],
+)
+def test_prompts_and_options_that_cannot_work_are_one_line_before_the_models_load(
+    saved_model, error_correction_model, tiny, tmp_path, capsys, no_model_loads, model, options, line_prompt, message
+):
+    model_dir = saved_model[1] if model == "plain" else error_correction_model
+    data = tmp_path / "line.jsonl"
+    line = {"wav": str(tiny["root"] / "utt0.wav")} | ({"prompt": line_prompt} if line_prompt else {})
+    data.write_text(json.dumps(line) + "\n")
+    error = one_error_line(capsys, lambda: recognize(model_dir, data, tmp_path / "hyp.txt", *options))
+    assert re.search(message, error), error
+    assert not list(tmp_path.glob("hyp.txt*"))
+
+
+def test_a_result_path_that_is_a_folder_is_refused_before_decoding(saved_model, tiny, tmp_path, capsys, no_model_loads):
+    (tmp_path / "out").mkdir()
+    error = one_error_line(capsys, lambda: recognize(saved_model[1], tiny["jsonl"], tmp_path / "out"))
+    assert error.endswith(f"error: --result_path {tmp_path / 'out'}: a folder; give the file to write the results to")
+
+
+def test_projector_paths_that_hold_no_saved_model_are_one_line_before_the_models_load(
+    saved_model, tiny, tmp_path, capsys, no_model_loads, monkeypatch
+):
+    _, model_dir = saved_model
+    clip = str(tiny["root"] / "utt0.wav")
+    torn = tmp_path / "torn"
+    shutil.copytree(model_dir, torn)
+    weights = (torn / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    empty = tmp_path / "no_weights"
+    shutil.copytree(model_dir, empty)
+    (empty / "model.safetensors").unlink()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    cases = {
+        tiny["qwen2"]: f"{tiny['qwen2']}: a 'qwen2' model, not a saved SpeechLLM",
+        str(torn): f"{torn}/model.safetensors: not a whole safetensors file",
+        str(empty): f"{empty}/model.safetensors: no trained weights here$",
+        "runs/my_modle": "error: runs/my_modle: no such folder or file$",  # misspelt: not looked up on the hub
+    }
+    for path, message in cases.items():
+        for result in ([], ["--result_path", str(tmp_path / "hyp.txt")]):
+            error = one_error_line(capsys, lambda: recognize_main(["--projector_model_path", path, clip, *result]))
+            assert re.search(message, error), error

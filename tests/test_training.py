@@ -416,6 +416,48 @@ def test_contradicting_options_are_input_errors(tiny, data, tmp_path, options, m
         training.main(train_args(tiny, data, tmp_path, *options))
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--nbest", "2", "--distill_weight", "1"], "--nbest .error correction. and --distill_weight"),
+        (["--nbest", "2", "--prompt", "<speech>Transcribe."], "an error correction prompt must contain '<nbest>'"),
+        (["--nbest", "-1"], "--nbest must be 0 .plain recognition. or the number of hypotheses, not -1"),
+        (["--nbest", "2", "--ger_audio", "false"], "--ger_audio false leaves nothing to train without --lora_rank"),
+        (["--system_prompt", "Listen: <speech>"], "the system prompt holds '<speech>'"),
+        (["--prompt", "<nbest><speech>"], "'<nbest>' in a prompt for a model without error correction"),
+    ],
+)
+def test_model_options_that_cannot_work_are_input_errors_before_the_models_load(
+    tiny, data, tmp_path, monkeypatch, options, message
+):
+    monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("the models were loaded first"))
+    with pytest.raises(InputError, match=message) as error:
+        training.main(train_args(tiny, data, tmp_path, *options))
+    assert "\n" not in str(error.value)
+
+
+def test_projector_paths_that_hold_no_saved_model_are_input_errors_before_the_models_load(
+    tiny, data, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("the models were loaded first"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        tiny["qwen2"]: "a 'qwen2' model, not a saved SpeechLLM",
+        str(tmp_path / "empty"): "no config.json: not a saved SpeechLLM",
+        "empty/my_modle": "^empty/my_modle: no such folder or file$",
+    }
+    for path, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            training.main(train_args(tiny, data, tmp_path / "run", "--projector_model_path", path))
+
+
+def test_lora_target_modules_that_match_nothing_are_an_input_error(tiny, data, tmp_path):
+    options = ["--lora_rank", "2", "--lora_target_modules", "q_prj,v_prj"]
+    with pytest.raises(InputError, match=r"lora_target_modules 'q_prj,v_prj' names no layer of the LLM: .*q_proj"):
+        training.main(train_args(tiny, data, tmp_path, *options))
+
+
 # --- single process: seed, gradient accumulation, gradient checkpointing ----------------------------------------------
 
 
