@@ -21,9 +21,11 @@ RUN_OPTIONS_NAME = "run_options.json"  # the model, data and distillation option
 
 
 def save_run_options(folder: str, options: dict):
-    """Written with a checkpoint's weights (before trainer_state.json, which marks it complete)."""
-    with open(os.path.join(folder, RUN_OPTIONS_NAME), "w", encoding="utf-8") as file:
+    """Written with a checkpoint's weights (before trainer_state.json, which marks it complete), whole or not at all."""
+    path = os.path.join(folder, RUN_OPTIONS_NAME)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
         json.dump(options, file, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def check_run_options(checkpoint: str, options: dict, way_on: str):

@@ -3,6 +3,8 @@
 import contextlib
 import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from .audio import SAMPLE_RATE
 from .decoding import shared_prompt_cache
 from .encoder import load_whisper_encoder
 from .errors import InputError
-from .hub import PUSH_OPTIONS, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
+from .hub import PUSH_OPTIONS, SAVED_FILES, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
 from .inputs import as_clips
 from .logprobs import token_logprobs
 from .lora import add_lora, is_lora_parameter
@@ -357,10 +359,18 @@ class SpeechLLM(PreTrainedModel):
         with _gathered(list(trained.values())):
             state = {name: p.detach().cpu().contiguous() for name, p in trained.items()}
         if is_main_process:
+            # Written whole beside the folder's files, then renamed over them: a save cut short (a kill, a full disk)
+            # leaves the previous save as it was, never a torn weights file or a config that does not match them.
             os.makedirs(save_directory, exist_ok=True)
-            self.config.save_pretrained(save_directory)
-            self.generation_config.save_pretrained(save_directory)
-            safetensors.torch.save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+            staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
+            try:
+                self.config.save_pretrained(staging)
+                self.generation_config.save_pretrained(staging)
+                safetensors.torch.save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+                for name in SAVED_FILES:
+                    os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
             if push_to_hub:
                 push_folder(save_directory, **split_options(options, PUSH_OPTIONS)[0])
 

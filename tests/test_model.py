@@ -63,6 +63,23 @@ def test_save_and_from_pretrained_give_identical_outputs(make_model, tiny, tmp_p
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+def test_a_save_cut_short_leaves_the_previous_one_whole(make_model, tmp_path, monkeypatch):
+    make_model(projector_kernel_size=4).save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    retrained = make_model(projector_kernel_size=2, prompt="<speech>Write it down.")
+
+    def disk_full(state, path, metadata=None):
+        with open(path, "wb") as file:
+            file.write(b"\x00" * 100)  # the first bytes of the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        retrained.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no torn weights, no new config, no debris
+    assert SpeechLLM.from_pretrained(tmp_path).config.projector_kernel_size == 4
+
+
 def test_checkpoint_that_does_not_fit_the_models_is_refused(make_model, tiny, tmp_path):
     make_model().save_pretrained(tmp_path)
     wider = make_whisper(str(tmp_path / "wider.pt"), n_state=64)
