@@ -6,6 +6,8 @@ text before or after it). The placeholder is expanded to as many positions as th
 model writes the projected audio over exactly those positions.
 """
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
@@ -16,6 +18,9 @@ AUDIO_PLACEHOLDER = "<speech>"
 NBEST_PLACEHOLDER = "<nbest>"  # error correction's (nbest.py): replaced by the hypotheses before a prompt gets here
 IGNORE_INDEX = -100  # positions the loss skips
 ANSWER_SLOT = "\x00answer\x00"  # rendered in place of an answer, to find where the template puts answers
+# Rendered prompts kept, the most recently used: a model's own prompts stay, while error correction's (one a clip:
+# its n-best written in) are rendered again rather than kept for the whole dataset (memory grew with the data).
+PROMPT_CACHE_SIZE = 256
 
 
 def check_prompt(prompt: str):
@@ -43,7 +48,7 @@ class Processor:
         self.n_mels, self.kernel_size, self.audio_mode = n_mels, kernel_size, audio_mode
         check_prompt(prompt)
         check_system_prompt(system_prompt)
-        self._prompt_cache = {}
+        self._prompt_cache = OrderedDict()
 
     def _messages(self, prompt: str) -> list[dict]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
@@ -55,8 +60,10 @@ class Processor:
     def _rendered(self, prompt: str) -> tuple[tuple[list[int], list[int]], tuple[str, str]]:
         """Once a prompt: the chat up to the assistant's turn as token ids split at the placeholder, and the text the
         template writes before and after an answer (one render for all answers, so a template that renders today's
-        date gives every sample the same chat, also across midnight)."""
-        if prompt not in self._prompt_cache:
+        date gives every sample the same chat, also across midnight; kept for the PROMPT_CACHE_SIZE most recent)."""
+        if prompt in self._prompt_cache:
+            self._prompt_cache.move_to_end(prompt)
+        else:
             check_prompt(prompt)
             if NBEST_PLACEHOLDER in prompt:  # a model with no n-best to write there: the LLM would read it as text
                 raise InputError(f"{NBEST_PLACEHOLDER!r} in a prompt for a model without error correction: {prompt!r}")
@@ -72,6 +79,8 @@ class Processor:
             before, after = chat.split(AUDIO_PLACEHOLDER)
             answer_wrapping = tuple(full[len(chat) :].split(ANSWER_SLOT))
             self._prompt_cache[prompt] = (self._encode(before), self._encode(after)), answer_wrapping
+            if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.popitem(last=False)
         return self._prompt_cache[prompt]
 
     def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:

@@ -6,7 +6,8 @@ import torch
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.audio import SAMPLE_RATE, WINDOW_SAMPLES, num_audio_tokens
-from speechllm.processor import IGNORE_INDEX
+from speechllm.nbest import DEFAULT_NBEST_PROMPT, render_prompt
+from speechllm.processor import IGNORE_INDEX, PROMPT_CACHE_SIZE
 
 
 def clip(seconds):
@@ -130,3 +131,18 @@ def test_a_chat_template_that_renders_the_date_survives_midnight(make_model, mon
 def test_the_models_own_prompt_is_checked_when_it_is_built(make_model):
     with pytest.raises(ValueError, match="exactly once"):
         make_model(prompt="Transcribe this.")
+
+
+def test_the_prompt_cache_does_not_grow_with_the_data(make_model):
+    """Error correction renders a prompt a clip (its n-best written in): memory must not grow with the dataset."""
+    processor = make_model().processor
+    prompts = [
+        render_prompt(DEFAULT_NBEST_PROMPT, [f"hypothesis {i}", f"another {i}"]) for i in range(2 * PROMPT_CACHE_SIZE)
+    ]
+    first = processor.prompt_ids(prompts[0])
+    for prompt in prompts:
+        processor.prompt_ids(prompt)
+        processor.prompt_ids(processor.prompt)  # the model's own prompt, used all along
+    assert len(processor._prompt_cache) == PROMPT_CACHE_SIZE
+    assert processor.prompt in processor._prompt_cache and prompts[0] not in processor._prompt_cache
+    assert processor.prompt_ids(prompts[0]) == first  # rendered again, alike
