@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--no_repeat_ngram_size", type=int, nargs="+", help="default: the model's own")
     parser.add_argument("--repetition_penalty", type=float, nargs="+", help="default: the model's own")
     parser.add_argument("--limit", type=int, help="only the first N lines of each file")
-    parser.add_argument("--llm_int8", action="store_true", help="CPU: the decoding steps in int8 (README: Speed)")
+    parser.add_argument("--llm_int8", action="store_true", help="CPU: the decoding steps in int8 (docs/speed.md)")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--hypotheses", help="a folder for each setting's hypotheses")
     args = parser.parse_args()

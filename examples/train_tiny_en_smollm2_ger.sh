@@ -8,7 +8,7 @@
 #      (--recase_all_caps), as Whisper writes its hypotheses, so that copying the best hypothesis is a target the
 #      model can learn. (The shipped run wrote a recased copy of the jsonl instead: the same targets.)
 # The shipped config then decodes by choosing (ger_decoding "rescore", rescore_whisper_weight 10, chosen on dev with
-# bench/rescore_weights.py; README: Measured): `--ger_decoding rescore --rescore_whisper_weight 10` for recognize.py.
+# bench/rescore_weights.py; docs/results.md): `--ger_decoding rescore --rescore_whisper_weight 10` for recognize.py.
 # GER_AUDIO=false trains the text-only ablation (the n-best alone, no audio positions).
 # Interrupt it at any time: run it again and it resumes.
 # The shipped run (session 4): `NBEST_DATA=runs/train_nbest.jsonl examples/train_tiny_en_smollm2_ger.sh --bf16` on

@@ -2,7 +2,8 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .model import Hypothesis, SpeechLLM, SpeechLLMConfig
+from .decoding import Hypothesis
+from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import NBEST_PLACEHOLDER
 from .processor import AUDIO_PLACEHOLDER
 

@@ -1,7 +1,56 @@
-"""Decoding work that HF generate would repeat: beam search's prompt pass, once per clip instead of once per beam."""
+"""From a batch of clips to hypotheses, the model's two ways: writing the transcript (the LLM generates it, stopping
+on its end-of-turn tokens, with loop guards) or choosing it among Whisper's n-best (rescoring.py, nothing
+generated); and transcribe(), files, arrays or tensors to text. SpeechLLM binds decode_batch, transcribe_batch and
+transcribe as its methods (as openai-whisper's model binds its decode and transcribe); nothing here imports the
+model."""
+
+import math
+import time
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from .audio import SAMPLE_RATE
+from .errors import InputError
+from .inputs import as_clips
+from .logprobs import token_logprobs
+from .nbest import error_correction_batch
+from .rescoring import rescore_batch
+
+# Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
+LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
+
+
+@dataclass
+class Hypothesis:
+    text: str
+    token_ids: list[int]  # the answer's tokens, without the stop token
+    finished: bool  # False: it ran to max_new_tokens without ending (most often a loop)
+    avg_logprob: float | None = None  # mean log-probability of the tokens and the stop token (with_logprobs)
+    decoding_seconds: float = 0.0  # the clip's share of its batch's wall time: features, encoder, generation
+
+
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """Where an answer ends: the LLM's own end-of-turn tokens (the tokenizer's eos first, then any its generation
+    config adds), then the special tokens that open a turn, so an answer that skips its end of turn and starts the
+    next one ("... the end. assistant Mary said") stops there instead of leaking the role into the text."""
+    extra = generation_config.eos_token_id
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    ends = [i for i in [tokenizer.eos_token_id, *extra] if i is not None]
+    if not ends:
+        raise InputError("the LLM names no end-of-turn (eos) token, in its tokenizer nor in its generation config")
+    return list(dict.fromkeys([*ends, *turn_token_ids(tokenizer)]))
+
+
+def turn_token_ids(tokenizer) -> list[int]:
+    """The special tokens of the assistant's turn header, as the chat template writes it."""
+    messages = [{"role": "user", "content": "?"}]
+    chat = tokenizer.apply_chat_template(messages, tokenize=False)
+    header = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)[len(chat) :]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return [i for i in tokenizer(header, add_special_tokens=False)["input_ids"] if i in special]
 
 
 @torch.no_grad()
@@ -23,3 +72,99 @@ def shared_prompt_cache(llm, inputs_embeds, attention_mask, num_beams: int) -> D
     )
     cache.batch_repeat_interleave(num_beams)
     return cache
+
+
+def decode_batch(
+    model, audios, prompts=None, num_beams=1, max_new_tokens=None, nbest=None, with_logprobs=False, **options
+) -> list[Hypothesis]:
+    """One batch of 16 kHz arrays to hypotheses, greedy (num_beams=1) or beam search. Without max_new_tokens, the
+    model's own prompt gets room for the longest clip's words; any other prompt at least answer_max_new_tokens.
+    options: generate()'s, e.g. repetition_penalty and no_repeat_ngram_size (defaults: model.generation_config).
+    nbest: error correction's cached hypotheses, a list or None a clip (None: decoded); plain models ignore it.
+    with_logprobs: fill in avg_logprob (generation then keeps every step's scores, batch x beams x vocabulary).
+    A model with ger_decoding "rescore" chooses among Whisper's n-best instead (rescoring.py): no generation, so
+    num_beams, max_new_tokens and options do not apply, and avg_logprob is the LLM's of the chosen text."""
+    started = time.perf_counter()
+    prompts = prompts or [None] * len(audios)
+    if model.config.ger_decoding == "rescore":  # nothing generated: no loop, no token budget
+        hypotheses = chosen_hypotheses(model, audios, prompts, nbest)
+    else:
+        hypotheses = written_hypotheses(
+            model, audios, prompts, nbest, num_beams, max_new_tokens, with_logprobs, **options
+        )
+    seconds = (time.perf_counter() - started) / len(audios)  # decoded together: each clip its share
+    for hypothesis in hypotheses:
+        hypothesis.decoding_seconds = seconds
+    return hypotheses
+
+
+def chosen_hypotheses(model, audios, prompts, nbest) -> list[Hypothesis]:
+    """Each clip's hypothesis chosen among Whisper's n-best by the LLM's and Whisper's scores (rescoring.py)."""
+    hypotheses = []
+    for text, logprob in rescore_batch(model, audios, prompts, nbest or [None] * len(audios)):
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        hypotheses.append(Hypothesis(text, ids, True, logprob / (len(ids) + 1)))  # + its end
+    return hypotheses
+
+
+def written_hypotheses(model, audios, prompts, nbest, num_beams, max_new_tokens, with_logprobs, **options):
+    """Each clip's transcript (or answer) as the LLM generates it, cut at its first stop token."""
+    longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
+    budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+    if any(prompt not in (None, model.config.prompt) for prompt in prompts):
+        budget = max(budget, model.config.answer_max_new_tokens)
+    max_new_tokens = max_new_tokens or budget
+    options = {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
+    if model.config.nbest:
+        batch = error_correction_batch(model, audios, prompts, nbest)
+    else:
+        batch = model.processor(audios, prompts)
+    batch = {name: tensor.to(model.llm.device) for name, tensor in batch.items()}
+    scores = {"return_dict_in_generate": True, "output_scores": True} if with_logprobs else {}
+    output = model.generate(
+        **batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options, **scores
+    )
+    rows = output.sequences if with_logprobs else output
+    logprobs = token_logprobs(model.llm, output).tolist() if with_logprobs else None
+    stops = set(model.processor.stop_token_ids)
+    hypotheses = []
+    for n, row in enumerate(rows.tolist()):
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        ids = row if end is None else row[:end]
+        text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        # The stop token is part of the answer's probability: how sure the LLM was that it had ended.
+        scored = logprobs[n][: len(ids) + (end is not None)] if logprobs else None
+        avg_logprob = sum(scored) / len(scored) if scored else None
+        hypotheses.append(Hypothesis(text, ids, end is not None, avg_logprob))
+    return hypotheses
+
+
+def transcribe_batch(model, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[str]:
+    return [h.text for h in model.decode_batch(audios, prompts, num_beams, max_new_tokens, **options)]
+
+
+def transcribe(
+    model,
+    audio,
+    prompt=None,
+    num_beams=1,
+    batch_size=8,
+    max_new_tokens=None,
+    sampling_rate=SAMPLE_RATE,
+    return_details=False,
+    **options,
+):
+    """One clip or a list of clips to text (a string or a list of strings). A clip is a file path, or a numpy
+    array or torch tensor of samples at sampling_rate (resampled), (samples,) or (channels, samples) (mixed
+    down). return_details: Hypothesis objects (text, token_ids, finished, avg_logprob, decoding_seconds)
+    instead. options: generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults:
+    model.generation_config)."""
+    clips, single = as_clips(audio, sampling_rate)
+    results = []
+    for start in range(0, len(clips), batch_size):
+        batch = clips[start : start + batch_size]
+        hypotheses = model.decode_batch(
+            batch, [prompt] * len(batch), num_beams, max_new_tokens, with_logprobs=return_details, **options
+        )
+        results += hypotheses if return_details else [h.text for h in hypotheses]
+    return results[0] if single else results

@@ -1,13 +1,10 @@
 """SpeechLLM: frozen Whisper encoder -> trainable projector -> frozen chat LLM, audio spliced into the prompt."""
 
 import contextlib
-import math
 import os
 import shutil
 import tempfile
-import time
 import warnings
-from dataclasses import dataclass
 
 import safetensors.torch
 import torch
@@ -16,25 +13,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from .audio import SAMPLE_RATE
-from .decoding import shared_prompt_cache
+from . import decoding
+from .decoding import LOOP_GUARDS, shared_prompt_cache, stop_token_ids
 from .encoder import load_whisper_encoder
 from .errors import InputError
 from .hub import PUSH_OPTIONS, SAVED_FILES, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
-from .inputs import as_clips
-from .logprobs import token_logprobs
 from .lora import add_lora, is_lora_parameter
-from .nbest import DEFAULT_NBEST_PROMPT, decoder_for, error_correction_batch
+from .nbest import DEFAULT_NBEST_PROMPT, decoder_for
 from .packaged_models import resolve as resolve_packaged
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
-from .rescoring import GER_DECODINGS, rescore_batch
+from .rescoring import GER_DECODINGS
 
-# Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
-LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
-TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
 
 
 class SpeechLLMConfig(PretrainedConfig):
@@ -109,36 +101,6 @@ def load_llm(name_or_path: str, dtype: torch.dtype):
     if tokenizer.chat_template is None:
         raise InputError(f"the LLM {name_or_path!r} has no chat template: use a chat (instruct) model")
     return llm.requires_grad_(False).eval(), tokenizer
-
-
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """Where an answer ends: the LLM's own end-of-turn tokens (the tokenizer's eos first, then any its generation
-    config adds), then the special tokens that open a turn, so an answer that skips its end of turn and starts the
-    next one ("... the end. assistant Mary said") stops there instead of leaking the role into the text."""
-    extra = generation_config.eos_token_id
-    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
-    ends = [i for i in [tokenizer.eos_token_id, *extra] if i is not None]
-    if not ends:
-        raise InputError("the LLM names no end-of-turn (eos) token, in its tokenizer nor in its generation config")
-    return list(dict.fromkeys([*ends, *turn_token_ids(tokenizer)]))
-
-
-def turn_token_ids(tokenizer) -> list[int]:
-    """The special tokens of the assistant's turn header, as the chat template writes it."""
-    messages = [{"role": "user", "content": "?"}]
-    chat = tokenizer.apply_chat_template(messages, tokenize=False)
-    header = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)[len(chat) :]
-    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return [i for i in tokenizer(header, add_special_tokens=False)["input_ids"] if i in special]
-
-
-@dataclass
-class Hypothesis:
-    text: str
-    token_ids: list[int]  # the answer's tokens, without the stop token
-    finished: bool  # False: it ran to max_new_tokens without ending (most often a loop)
-    avg_logprob: float | None = None  # mean log-probability of the tokens and the stop token (with_logprobs)
-    decoding_seconds: float = 0.0  # the clip's share of its batch's wall time: features, encoder, generation
 
 
 class SpeechLLM(PreTrainedModel):
@@ -240,84 +202,10 @@ class SpeechLLM(PreTrainedModel):
             warnings.filterwarnings("ignore", message="Passing `.*` with `inputs_embeds`")
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    def decode_batch(
-        self, audios, prompts=None, num_beams=1, max_new_tokens=None, nbest=None, with_logprobs=False, **options
-    ) -> list[Hypothesis]:
-        """One batch of 16 kHz arrays to hypotheses, greedy (num_beams=1) or beam search. Without max_new_tokens, the
-        model's own prompt gets room for the longest clip's words; any other prompt at least answer_max_new_tokens.
-        options: generate()'s, e.g. repetition_penalty and no_repeat_ngram_size (defaults: self.generation_config).
-        nbest: error correction's cached hypotheses, a list or None a clip (None: decoded); plain models ignore it.
-        with_logprobs: fill in avg_logprob (generation then keeps every step's scores, batch x beams x vocabulary).
-        A model with ger_decoding "rescore" chooses among Whisper's n-best instead (rescoring.py): no generation, so
-        num_beams, max_new_tokens and options do not apply, and avg_logprob is the LLM's of the chosen text."""
-        started = time.perf_counter()
-        prompts = prompts or [None] * len(audios)
-        if self.config.ger_decoding == "rescore":  # nothing generated: no loop, no token budget
-            chosen = rescore_batch(self, audios, prompts, nbest or [None] * len(audios))
-            seconds = (time.perf_counter() - started) / len(audios)
-            hypotheses = []
-            for text, logprob in chosen:
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                hypotheses.append(Hypothesis(text, ids, True, logprob / (len(ids) + 1), seconds))  # + its end
-            return hypotheses
-        longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
-        budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
-        if any(prompt not in (None, self.config.prompt) for prompt in prompts):
-            budget = max(budget, self.config.answer_max_new_tokens)
-        max_new_tokens = max_new_tokens or budget
-        options = {**{name: getattr(self.generation_config, name) for name in LOOP_GUARDS}, **options}
-        if self.config.nbest:
-            batch = error_correction_batch(self, audios, prompts, nbest)
-        else:
-            batch = self.processor(audios, prompts)
-        batch = {name: tensor.to(self.llm.device) for name, tensor in batch.items()}
-        scores = {"return_dict_in_generate": True, "output_scores": True} if with_logprobs else {}
-        output = self.generate(
-            **batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options, **scores
-        )
-        rows = output.sequences if with_logprobs else output
-        logprobs = token_logprobs(self.llm, output).tolist() if with_logprobs else None
-        seconds = (time.perf_counter() - started) / len(audios)  # decoded together: each clip its share
-        stops = set(self.processor.stop_token_ids)
-        hypotheses = []
-        for n, row in enumerate(rows.tolist()):
-            end = next((i for i, token in enumerate(row) if token in stops), None)
-            ids = row if end is None else row[:end]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            # The stop token is part of the answer's probability: how sure the LLM was that it had ended.
-            scored = logprobs[n][: len(ids) + (end is not None)] if logprobs else None
-            avg_logprob = sum(scored) / len(scored) if scored else None
-            hypotheses.append(Hypothesis(text, ids, end is not None, avg_logprob, seconds))
-        return hypotheses
-
-    def transcribe_batch(self, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[str]:
-        return [h.text for h in self.decode_batch(audios, prompts, num_beams, max_new_tokens, **options)]
-
-    def transcribe(
-        self,
-        audio,
-        prompt=None,
-        num_beams=1,
-        batch_size=8,
-        max_new_tokens=None,
-        sampling_rate=SAMPLE_RATE,
-        return_details=False,
-        **options,
-    ):
-        """One clip or a list of clips to text (a string or a list of strings). A clip is a file path, or a numpy
-        array or torch tensor of samples at sampling_rate (resampled), (samples,) or (channels, samples) (mixed
-        down). return_details: Hypothesis objects (text, token_ids, finished, avg_logprob, decoding_seconds)
-        instead. options: generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults:
-        self.generation_config)."""
-        clips, single = as_clips(audio, sampling_rate)
-        results = []
-        for start in range(0, len(clips), batch_size):
-            batch = clips[start : start + batch_size]
-            hypotheses = self.decode_batch(
-                batch, [prompt] * len(batch), num_beams, max_new_tokens, with_logprobs=return_details, **options
-            )
-            results += hypotheses if return_details else [h.text for h in hypotheses]
-        return results[0] if single else results
+    # --- decoding.py: a batch of clips to hypotheses (writing or choosing), clips or files to text ----------------
+    decode_batch = decoding.decode_batch
+    transcribe_batch = decoding.transcribe_batch
+    transcribe = decoding.transcribe
 
     # --- HF plumbing: the frozen models are rebuilt from their names, only the projector is stored ------------
 

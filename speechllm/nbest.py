@@ -6,9 +6,10 @@ hypotheses, best first; the prompt's <nbest> placeholder becomes the numbered li
 A jsonl line may bring its n-best cached ("nbest": [...], written by examples/make_error_correction_data.py), so a
 training set is decoded once.
 
-Whisper's decoder needs its native 30 s windows (it does not stop on dynamic-length features, README), so the
-hypotheses always come from window features; in audio_mode "window" the projector reads those same features,
-cropped, and each clip is encoded once. ger_audio=False is the text-only ablation: no audio positions at all.
+Whisper's decoder needs its native 30 s windows (it does not stop on dynamic-length features:
+docs/error_correction.md), so the hypotheses always come from window features; in audio_mode "window" the projector
+reads those same features, cropped, and each clip is encoded once. ger_audio=False is the text-only ablation: no
+audio positions at all.
 """
 
 import numpy as np

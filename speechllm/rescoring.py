@@ -2,7 +2,7 @@
 by Whisper itself, the best one kept, nothing generated.
 
 A model that generates can rewrite a right hypothesis into fluent other words, and one that loops can write more
-than was said (README: Measured). Choosing cannot leave Whisper's n-best. Hypothesis y of clip x scores
+than was said (docs/results.md). Choosing cannot leave Whisper's n-best. Hypothesis y of clip x scores
 
     log P_llm(y | the model's prompt and the audio) + rescore_whisper_weight * log P_whisper(y | x)
 
@@ -11,7 +11,7 @@ shows. An error-correction prompt lists the n-best; a recognition prompt (no <nb
 recognition model scores each hypothesis from the audio alone. A weight of 0 trusts the LLM alone; a large one
 keeps the hypothesis of highest total log-probability under Whisper, which can differ from its first: its beam
 search ranks by the mean per token. Sums favour short texts, but an n-best's hypotheses are alike in length, and on
-dev sums chose better than means (README: Measured). Whisper scores a text against one 30 s window only, so a clip
+dev sums chose better than means (docs/results.md). Whisper scores a text against one 30 s window only, so a clip
 of several windows keeps its first hypothesis.
 """
 

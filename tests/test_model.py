@@ -9,9 +9,10 @@ from transformers import GenerationConfig
 from speechllm import SpeechLLM
 from speechllm.audio import SAMPLE_RATE, load_audio, num_audio_tokens
 from speechllm.data import Collator, SpeechDataset
+from speechllm.decoding import stop_token_ids
 from speechllm.encoder import load_whisper_encoder
 from speechllm.errors import InputError
-from speechllm.model import load_llm, stop_token_ids
+from speechllm.model import load_llm
 
 
 def tones(dataset):

@@ -10,15 +10,16 @@ from repo_scripts import load_script
 
 from speechllm import SpeechLLM
 from speechllm.data import read_jsonl
+from speechllm.decoding import stop_token_ids
 from speechllm.metrics import error_rate
-from speechllm.model import load_llm, stop_token_ids
+from speechllm.model import load_llm
 from speechllm.packaged_models import SMOLLM2_GGUF as SMOLLM2_NAME
 from speechllm.packaged_models import WHISPER_TINY_EN, resolve, smollm2_gguf, whisper_tiny_en
 from speechllm.quantization import quantize_llm_int8
 
 SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: these tests run in CI
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The demo runs the recognition model choosing among Whisper's 5-best (README: Measured): this guards the pipeline
+# The demo runs the recognition model choosing among Whisper's 5-best (docs/results.md): this guards the pipeline
 # and its figure, measured 10.81% = 4 word errors of 37 (the goal, 10%, is one word fewer; the GER model
 # choosing: 8.11%; the recognition model writing: 37.84%), and must come down as the models are trained further.
 SHIPPED_DEMO_MAX_WER = 0.15
@@ -89,7 +90,7 @@ def test_the_shipped_model_loads_offline_in_one_line(offline):
     assert model.config.model_dtype == "float32" and model.llm.dtype == torch.float32
     (example,) = [e for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl")) if e.key == "LJ001-0080"]
     text = model.transcribe(example.wav, max_new_tokens=30)
-    # The shipped projector is weak (README: Measured) but reads this clip: most reference words come back.
+    # The shipped projector is weak (docs/results.md) but reads this clip: most reference words come back.
     assert error_rate([example.txt], [text])["wer"] < SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER, text
 
 
