@@ -94,7 +94,7 @@ class RecognizeArguments:
         metadata={
             "choices": [None, *WEIGHT_TYPES],
             "help": "--engine llama.cpp: gguf (the LLM's own .gguf file, LoRA as an adapter), or f32/f16/q8_0 written "
-            "with the LoRA merged; default: gguf for a .gguf LLM, else f16",
+            "with the LoRA merged (default: q8_0)",
         },
     )
 

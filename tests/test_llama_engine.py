@@ -3,11 +3,13 @@ the same stop tokens and loop guards, GGUF files written, cached and remade, and
 
 llama-cpp-python is in the test extra: where it is missing these tests fail (they do not skip), as CI must."""
 
+import json
 import sys
 
 import numpy as np
 import pytest
 import torch
+from repo_scripts import load_script
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from speechllm import SpeechLLM, SpeechLLMConfig
@@ -182,3 +184,22 @@ def test_recognize_with_the_engine_writes_what_the_torch_path_writes(make_model,
     with pytest.raises(SystemExit):
         recognize_main(common[:-4] + ["--engine", "llama.cpp", "--num_beams", "4"])
     assert "--engine llama.cpp decodes greedily" in capsys.readouterr().err
+
+
+def test_speed_bench_times_the_engines_phases(make_model, tiny, tmp_path):
+    steered(make_model("llama")).save_pretrained(tmp_path / "model")
+    bench = load_script("bench/speed.py")
+    out = tmp_path / "speed.json"
+    options = ["--quick", "--threads", "1", "--engine", "both", "--gguf_weights", "f32", "--audio_modes", "dynamic"]
+    bench.main([tiny["jsonl"], "--model", str(tmp_path / "model"), *options, "--json", str(out)])
+    result = json.loads(out.read_text())
+    engine = [r for r in result["recognition"] if r["engine"] == "llama.cpp"]
+    assert {(r["batch_size"], r["num_beams"]) for r in engine} == {(1, 1), (bench.QUICK["batch_size"], 1)}
+    torch_rows = {r["batch_size"]: r for r in result["recognition"] if r["engine"] == "torch" and r["num_beams"] == 1}
+    for r in engine:
+        batches = -(-bench.QUICK["limit"] // r["batch_size"])
+        # a prompt pass a batch, and the chat prefix's again where the batch needed a larger context
+        assert batches <= r["prompt"]["calls"] <= batches + 1
+        assert 0 < r["steps"]["count"] <= batches * (bench.QUICK["max_new_tokens"] - 1)
+        assert r["steps"]["floor_seconds"] > 0 and r["encoder"]["seconds"] > 0 and r["steps"]["seconds"] > 0
+        assert r["generated_tokens"] == torch_rows[r["batch_size"]]["generated_tokens"]  # the same answers
