@@ -5,6 +5,7 @@ llama-cpp-python is in the test extra: where it is missing these tests fail (the
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +14,17 @@ from repo_scripts import load_script
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from speechllm import SpeechLLM, SpeechLLMConfig
+from speechllm.audio import load_audio
+from speechllm.data import read_jsonl
 from speechllm.errors import InputError
 from speechllm.gguf_export import llm_gguf
 from speechllm.llama_engine import LlamaCppDecoder, banned_ngram_tokens, engine_decoder, guarded
+from speechllm.metrics import error_rate
 from speechllm.recognition import main as recognize_main
 
 STEPS = 24
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER = 0.5  # as test_real_models.py: greedy on LJ001-0080 alone
 
 
 @pytest.fixture(autouse=True)
@@ -203,3 +209,17 @@ def test_speed_bench_times_the_engines_phases(make_model, tiny, tmp_path):
         assert 0 < r["steps"]["count"] <= batches * (bench.QUICK["max_new_tokens"] - 1)
         assert r["steps"]["floor_seconds"] > 0 and r["encoder"]["seconds"] > 0 and r["steps"]["seconds"] > 0
         assert r["generated_tokens"] == torch_rows[r["batch_size"]]["generated_tokens"]  # the same answers
+
+
+def test_the_shipped_model_writes_the_torch_paths_tokens(tmp_path):
+    """The real llama-architecture GGUF (SmolLM2, Q4_1) with the shipped LoRA: merged into f32, the same tokens;
+    its own Q4_1 file with the LoRA as an adapter still reads the clip the torch path reads."""
+    model = SpeechLLM.from_pretrained(EXAMPLES / "tiny_en_smollm2")
+    examples = read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))
+    audios = [load_audio(e.wav) for e in examples]
+    expected = model.decode_batch(audios, max_new_tokens=30)
+    same_hypotheses(expected, engine_decoder(model, "llama.cpp", weights="f32").decode_batch(audios, max_new_tokens=30))
+    (clip,) = [n for n, e in enumerate(examples) if e.key == "LJ001-0080"]
+    (hypothesis,) = engine_decoder(model, "llama.cpp", weights="gguf").decode_batch([audios[clip]], max_new_tokens=30)
+    text = hypothesis.text
+    assert error_rate([examples[clip].txt], [text])["wer"] < SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER, text
