@@ -185,7 +185,8 @@ def test_recognize_with_the_engine_writes_what_the_torch_path_writes(make_model,
     common = ["--projector_model_path", str(tmp_path / "model"), "--data_path", tiny["jsonl"], "--num_beams", "1"]
     common += ["--max_new_tokens", "8", "--batch_size", "3"]
     recognize_main(common + ["--result_path", str(tmp_path / "torch.txt")])
-    recognize_main(common + ["--result_path", str(tmp_path / "llama.txt"), "--engine", "llama.cpp"])
+    engine = ["--engine", "llama.cpp", "--gguf_weights", "f32"]
+    recognize_main(common + ["--result_path", str(tmp_path / "llama.txt"), *engine])
     assert (tmp_path / "llama.txt").read_text() == (tmp_path / "torch.txt").read_text()
     with pytest.raises(SystemExit):
         recognize_main(common[:-4] + ["--engine", "llama.cpp", "--num_beams", "4"])
