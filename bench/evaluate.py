@@ -8,7 +8,8 @@ An error-correction model reads each line's cached "nbest" where there is one (e
 and decodes Whisper's n-best itself elsewhere.
 
 Every combination of --no_repeat_ngram_size and --repetition_penalty is scored; --hypotheses DIR writes each
-setting's key<TAB>hypothesis lines there, for reading the errors.
+setting's key<TAB>hypothesis lines there, for reading the errors. --engine llama.cpp decodes with the LLM in
+llama.cpp (greedy; --gguf_weights picks its weights).
 """
 
 import argparse
@@ -22,11 +23,14 @@ import torch
 from speechllm import SpeechLLM
 from speechllm.audio import SAMPLE_RATE
 from speechllm.data import load_example_audio, read_jsonl
+from speechllm.gguf_export import WEIGHT_TYPES
+from speechllm.llama_engine import ENGINES, engine_decoder
 from speechllm.metrics import error_rate, format_error_rate
 from speechllm.quantization import quantize_llm_int8
 
 
 def evaluate(model, examples, audios, batch_size, num_beams, **options) -> dict:
+    """model: a SpeechLLM, or what decodes for it (llama_engine.engine_decoder)."""
     order = sorted(range(len(examples)), key=lambda i: -len(audios[i]))  # longest first, as recognize.py does
     hypotheses, start = {}, time.perf_counter()
     for first in range(0, len(order), batch_size):
@@ -63,6 +67,8 @@ def main():
     parser.add_argument("--repetition_penalty", type=float, nargs="+", help="default: the model's own")
     parser.add_argument("--limit", type=int, help="only the first N lines of each file")
     parser.add_argument("--llm_int8", action="store_true", help="CPU: the decoding steps in int8 (docs/speed.md)")
+    parser.add_argument("--engine", default="torch", choices=ENGINES, help="llama.cpp: greedy, the LLM in llama.cpp")
+    parser.add_argument("--gguf_weights", choices=WEIGHT_TYPES, help="llama.cpp's weights (default: llama_engine's)")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--hypotheses", help="a folder for each setting's hypotheses")
     args = parser.parse_args()
@@ -74,6 +80,7 @@ def main():
     ).eval()
     if args.llm_int8:
         quantize_llm_int8(model.llm)
+    decoder = engine_decoder(model, args.engine, args.gguf_weights)
     guards = model.generation_config
     settings = list(
         itertools.product(
@@ -88,10 +95,12 @@ def main():
         for ngram, penalty in settings:
             with torch.no_grad():
                 result = evaluate(
-                    model, examples, audios, args.batch_size, args.num_beams,
+                    decoder, examples, audios, args.batch_size, args.num_beams,
                     no_repeat_ngram_size=ngram, repetition_penalty=penalty,
                 )  # fmt: skip
             setting = f"beam {args.num_beams}, no_repeat_ngram_size {ngram}, repetition_penalty {penalty}"
+            if args.engine != "torch":
+                setting += f", {args.engine} ({decoder.weights})"
             print(
                 f"{path} [{setting}]: {format_error_rate(result)}; insertions {100 * result['insertion_share']:.0f}% "
                 f"of errors; {result['unfinished']} unfinished; decoding {result['decoding_seconds']:.0f} s "
@@ -105,8 +114,8 @@ def main():
                 name = f"{label}_ngram{ngram}_rp{penalty}.txt"
                 with open(os.path.join(args.hypotheses, name), "w", encoding="utf-8") as file:
                     file.writelines(f"{k}\t{' '.join(t.split())}\n" for k, t in result["hypotheses"].items())
-            report.append({"data": path, "num_beams": args.num_beams, "no_repeat_ngram_size": ngram,
-                           "repetition_penalty": penalty, **result})  # fmt: skip
+            report.append({"data": path, "engine": args.engine, "num_beams": args.num_beams,
+                           "no_repeat_ngram_size": ngram, "repetition_penalty": penalty, **result})  # fmt: skip
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=1)

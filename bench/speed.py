@@ -18,10 +18,16 @@ the gradient through every LLM layer back to the projector, the trained weights'
 --clock process times with the process's CPU time instead of the wall clock: with --threads 1 on a machine that
 another job keeps busy, that is close to the wall time the same run would take on a quiet one.
 --quick is a smoke test (2 clips, a few tokens, one training step timed) for tiny models.
+
+--engine llama.cpp decodes with the LLM in llama.cpp (llama_engine.py; greedy settings only, --gguf_weights picks its
+weights): its phases are timed around each llama_decode call, and a step's floor reads the GGUF file's weights (as
+stored: Q4_1, Q8_0, f16...) and its f16 (f32 for f32 weights) keys and values. --engine both runs the torch settings,
+then the llama.cpp ones, in one run on one machine.
 """
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import json
@@ -32,6 +38,8 @@ import tempfile
 import threading
 import time
 
+import gguf
+import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
@@ -39,6 +47,8 @@ from transformers import TrainerCallback, TrainingArguments
 from speechllm import SpeechLLM
 from speechllm.audio import ENCODER_STRIDE, SAMPLE_RATE, num_frames, split_windows
 from speechllm.data import Collator, SpeechDataset, load_example_audio, read_jsonl
+from speechllm.gguf_export import WEIGHT_TYPES
+from speechllm.llama_engine import LlamaCppDecoder, engine_decoder
 from speechllm.quantization import Int8StepLinear, quantize_llm_int8
 from speechllm.training import SpeechLLMTrainer
 
@@ -156,8 +166,8 @@ class Costs:
         self.linear_params, linear_bytes = linear_weights(llm, skip=[output])
         self.output_params, output_bytes = linear_weights(output)
         self.weight_bytes = linear_bytes + output_bytes  # what one decoding step reads, whatever its batch
-        kv_dtype = llm.get_input_embeddings().weight.dtype
-        self.kv_bytes_per_position = 2 * self.layers * config.num_key_value_heads * self.head_dim * kv_dtype.itemsize
+        self.kv_itemsize = llm.get_input_embeddings().weight.dtype.itemsize
+        self.kv_bytes_per_position = 2 * self.layers * config.num_key_value_heads * self.head_dim * self.kv_itemsize
         encoder = model.encoder
         self.encoder_layers, self.encoder_dim = len(encoder.blocks), encoder.dims.n_audio_state
         self.encoder_block_params, _ = linear_weights(encoder.blocks)
@@ -166,6 +176,22 @@ class Costs:
             p.numel() for n, p in llm.named_parameters() if p.requires_grad and p.ndim == 2
         )  # LoRA's matrices, when there are any
         self.projector_params = sum(p.numel() for p in model.projector.parameters())
+
+    def for_engine(self, decoder: LlamaCppDecoder) -> "Costs":
+        """The same work, with what a llama.cpp decoding step reads: the GGUF files' weights as stored (the token
+        embedding only where it is also the output layer) and its keys and values (f16, or f32 beside f32 weights)."""
+        costs = copy.copy(self)
+        files = [gguf.GGUFReader(path) for path in decoder.files if path]
+        names = {t.name for t in files[0].tensors}
+        costs.weight_bytes = sum(
+            int(t.n_bytes)
+            for reader in files
+            for t in reader.tensors
+            if len(t.shape) > 1 and (t.name != "token_embd.weight" or "output.weight" not in names)
+        )
+        kv_itemsize = 4 if decoder.f32_cache else 2
+        costs.kv_bytes_per_position = self.kv_bytes_per_position // self.kv_itemsize * kv_itemsize
+        return costs
 
     def attention_flops(self, query_key_pairs: int) -> int:
         return 4 * self.layers * self.heads * self.head_dim * query_key_pairs
@@ -207,19 +233,39 @@ class Phases:
     """Every encoder and LLM call while active, from forward hooks: seconds, and for the LLM each row's real length
     (attention mask) and how many new positions it computed."""
 
-    def __init__(self, model: SpeechLLM, clock: Clock):
+    def __init__(self, model: SpeechLLM, clock: Clock, decoder=None):
         self.model, self.clock, self.calls, self._handles = model, clock, [], []
+        self.engine = decoder if isinstance(decoder, LlamaCppDecoder) else None
 
     def __enter__(self):
-        for name, module in (("encoder", self.model.encoder), ("llm", self.model.llm)):
+        modules = [("encoder", self.model.encoder)] + ([] if self.engine else [("llm", self.model.llm)])
+        for name, module in modules:
             self._handles.append(module.register_forward_pre_hook(self._start, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._stopper(name), with_kwargs=True))
+        if self.engine:
+            self.engine._decode = self._timed(self.engine._decode)
         return self
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.engine:
+            del self.engine._decode  # the class's own again
+
+    def _timed(self, decode):
+        """llama.cpp's calls: a prompt pass feeds embeddings (each clip's, or the shared prefix once), a step tokens,
+        one a clip, each at its position (so the clip's real length is the position + 1)."""
+
+        def timed(sequences, positions, want_logits, embeddings=None, tokens=None):
+            started = self.clock()
+            logits = decode(sequences, positions, want_logits, embeddings, tokens)
+            call = {"phase": "prompt" if embeddings is not None else "step", "seconds": self.clock() - started}
+            call |= {"new": len(sequences), "lengths": (np.asarray(positions) + 1).tolist()}
+            self.calls.append(call)
+            return logits
+
+        return timed
 
     def _start(self, module, args, kwargs):
         self._started = self.clock()
@@ -261,16 +307,18 @@ def fraction(floor: float, measured: float) -> float | None:
 # --- recognition ------------------------------------------------------------------------------------------------
 
 
-def recognition(model, audios, costs, rates, clock, *, batch_size, num_beams, audio_mode, max_new_tokens) -> dict:
+def recognition(
+    model, decoder, audios, costs, rates, clock, *, batch_size, num_beams, audio_mode, max_new_tokens
+) -> dict:
     model.processor.audio_mode = audio_mode
     order = sorted(range(len(audios)), key=lambda i: -len(audios[i]))  # longest first, as recognize.py decodes
     prompt_lengths = [int(model.processor([audio], [None])["attention_mask"].sum()) for audio in audios]
     hypotheses = []
-    with PeakMemory(model.llm.device) as memory, Phases(model, clock) as phases:
+    with PeakMemory(model.llm.device) as memory, Phases(model, clock, decoder) as phases:
         start = clock()
         for first in range(0, len(order), batch_size):
             batch = [audios[i] for i in order[first : first + batch_size]]
-            hypotheses += model.decode_batch(batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            hypotheses += decoder.decode_batch(batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
         total = clock() - start
     audio_seconds = sum(len(a) for a in audios) / SAMPLE_RATE
     flops, bandwidth = rates["matmul_flops"], rates["read_bytes_per_s"]
@@ -286,6 +334,7 @@ def recognition(model, audios, costs, rates, clock, *, batch_size, num_beams, au
     useful_row_steps = sum(len(h.token_ids) + h.finished - 1 for h in hypotheses) if num_beams == 1 else None
     step_seconds = phases.seconds("step")
     return {
+        "engine": "llama.cpp" if phases.engine else "torch",
         "batch_size": batch_size,
         "num_beams": num_beams,
         "audio_mode": audio_mode,
@@ -388,9 +437,9 @@ def table(result: dict) -> str:
         f"machine: {machine['threads']} threads on {machine['device']}, {machine['dtype']}, {machine['clock']} clock: "
         f"matmul {machine['matmul_flops'] / 1e9:.0f} GFLOP/s, memory read {machine['read_bytes_per_s'] / 1e9:.1f} GB/s",
         "",
-        "| audio | batch | beams | RTF | peak memory | encoder (% limit) | prompt pass (% limit) | steps | ms/step "
-        "(% limit) | rows useful | other |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | audio | batch | beams | RTF | peak memory | encoder (% limit) | prompt pass (% limit) | steps "
+        "| ms/step (% limit) | rows useful | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["recognition"]:
         steps = r["steps"]
@@ -401,7 +450,7 @@ def table(result: dict) -> str:
             )
         useful = f"{100 * steps['useful_row_fraction']:.0f}%" if steps["useful_row_fraction"] is not None else "-"
         lines.append(
-            f"| {r['audio_mode']} | {r['batch_size']} | {r['num_beams']} | {r['rtf']:.3f} | "
+            f"| {r['engine']} | {r['audio_mode']} | {r['batch_size']} | {r['num_beams']} | {r['rtf']:.3f} | "
             f"{r['peak_memory_bytes'] / 2**30:.2f} GB | {percent(r['encoder'])} | {percent(r['prompt'])} | "
             f"{steps['count']} | {step} | {useful} | {r['other_seconds']:.2f} s |"
         )
@@ -436,6 +485,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--train_steps", type=int, default=4, help="the first is a warm-up and not timed; 0: no training"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--engine", default="torch", choices=["torch", "llama.cpp", "both"], help="llama.cpp: greedy settings only"
+    )
+    parser.add_argument("--gguf_weights", choices=WEIGHT_TYPES, help="llama.cpp's weights (default: llama_engine's)")
     parser.add_argument("--clock", default="wall", choices=["wall", "process"])
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
@@ -467,20 +520,26 @@ def main(argv: list[str] | None = None) -> dict:
     costs = Costs(model)
     model.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: thread pools, allocator, the prompt's tokens
 
-    settings = [
-        dict(audio_mode=mode, batch_size=batch, num_beams=beams)
-        for mode in args.audio_modes.split(",")
-        for beams in dict.fromkeys([1, args.num_beams])
-        for batch in dict.fromkeys([1, args.batch_size])
-    ]
+    engines = ["torch", "llama.cpp"] if args.engine == "both" else [args.engine]
     recognitions = []
-    for setting in settings:
-        recognitions.append(
-            recognition(model, audios, costs, rates, clock, max_new_tokens=args.max_new_tokens, **setting)
-        )
-        print(
-            json.dumps({k: recognitions[-1][k] for k in ("audio_mode", "batch_size", "num_beams", "rtf")}), flush=True
-        )
+    for engine in engines:
+        decoder = engine_decoder(model, engine, args.gguf_weights, threads=torch.get_num_threads())
+        engine_costs = costs.for_engine(decoder) if engine == "llama.cpp" else costs
+        decoder.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: llama.cpp's context and the chat prefix
+        settings = [
+            dict(audio_mode=mode, batch_size=batch, num_beams=beams)
+            for mode in args.audio_modes.split(",")
+            for beams in dict.fromkeys([1] if engine == "llama.cpp" else [1, args.num_beams])
+            for batch in dict.fromkeys([1, args.batch_size])
+        ]
+        for setting in settings:
+            recognitions.append(
+                recognition(
+                    model, decoder, audios, engine_costs, rates, clock, max_new_tokens=args.max_new_tokens, **setting
+                )
+            )
+            keys = ("engine", "audio_mode", "batch_size", "num_beams", "rtf")
+            print(json.dumps({k: recognitions[-1][k] for k in keys}), flush=True)
     model.processor.audio_mode = model.config.audio_mode
     train = None
     if args.train_steps and not args.llm_int8:  # int8 layers have no gradient
@@ -494,6 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(),
             "dtype": args.model_dtype + (", LLM linear int8" if args.llm_int8 else ""),
+            "gguf_weights": getattr(model, "_llama_cpp_decoder", None) and model._llama_cpp_decoder.weights,
             "clock": args.clock,
             **rates,
         },

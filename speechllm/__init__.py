@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .decoding import Hypothesis
+from .hypothesis import Hypothesis
 from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import NBEST_PLACEHOLDER
 from .processor import AUDIO_PLACEHOLDER

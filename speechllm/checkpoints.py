@@ -14,7 +14,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .errors import InputError
-from .model import WEIGHTS_NAME
+from .hub import WEIGHTS_NAME
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 RUN_OPTIONS_NAME = "run_options.json"  # the model, data and distillation options a checkpoint was trained with

@@ -4,32 +4,18 @@ generated); and transcribe(), files, arrays or tensors to text. SpeechLLM binds 
 transcribe as its methods (as openai-whisper's model binds its decode and transcribe); nothing here imports the
 model."""
 
-import math
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from .audio import SAMPLE_RATE
 from .errors import InputError
+from .hypothesis import LOOP_GUARDS, Hypothesis, token_budget
 from .inputs import as_clips
 from .logprobs import token_logprobs
 from .nbest import error_correction_batch
 from .rescoring import rescore_batch
-
-# Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
-LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
-TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
-
-
-@dataclass
-class Hypothesis:
-    text: str
-    token_ids: list[int]  # the answer's tokens, without the stop token
-    finished: bool  # False: it ran to max_new_tokens without ending (most often a loop)
-    avg_logprob: float | None = None  # mean log-probability of the tokens and the stop token (with_logprobs)
-    decoding_seconds: float = 0.0  # the clip's share of its batch's wall time: features, encoder, generation
 
 
 def stop_token_ids(tokenizer, generation_config) -> list[int]:
@@ -109,11 +95,7 @@ def chosen_hypotheses(model, audios, prompts, nbest) -> list[Hypothesis]:
 
 def written_hypotheses(model, audios, prompts, nbest, num_beams, max_new_tokens, with_logprobs, **options):
     """Each clip's transcript (or answer) as the LLM generates it, cut at its first stop token."""
-    longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
-    budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
-    if any(prompt not in (None, model.config.prompt) for prompt in prompts):
-        budget = max(budget, model.config.answer_max_new_tokens)
-    max_new_tokens = max_new_tokens or budget
+    max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
     options = {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
     if model.config.nbest:
         batch = error_correction_batch(model, audios, prompts, nbest)
@@ -152,18 +134,21 @@ def transcribe(
     max_new_tokens=None,
     sampling_rate=SAMPLE_RATE,
     return_details=False,
+    engine="torch",
     **options,
 ):
     """One clip or a list of clips to text (a string or a list of strings). A clip is a file path, or a numpy
     array or torch tensor of samples at sampling_rate (resampled), (samples,) or (channels, samples) (mixed
     down). return_details: Hypothesis objects (text, token_ids, finished, avg_logprob, decoding_seconds)
     instead. options: generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults:
-    model.generation_config)."""
+    model.generation_config). engine: "torch", or "llama.cpp" for the LLM's steps in llama.cpp (greedy, CPU;
+    llama_engine.py)."""
     clips, single = as_clips(audio, sampling_rate)
+    decoder = engine_decoder(model, engine)
     results = []
     for start in range(0, len(clips), batch_size):
         batch = clips[start : start + batch_size]
-        hypotheses = model.decode_batch(
+        hypotheses = decoder.decode_batch(
             batch, [prompt] * len(batch), num_beams, max_new_tokens, with_logprobs=return_details, **options
         )
         results += hypotheses if return_details else [h.text for h in hypotheses]

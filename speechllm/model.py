@@ -14,10 +14,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from . import decoding
-from .decoding import LOOP_GUARDS, shared_prompt_cache, stop_token_ids
+from .decoding import shared_prompt_cache, stop_token_ids
 from .encoder import load_whisper_encoder
 from .errors import InputError
 from .hub import PUSH_OPTIONS, SAVED_FILES, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
+from .hypothesis import LOOP_GUARDS
 from .lora import add_lora, is_lora_parameter
 from .nbest import DEFAULT_NBEST_PROMPT, decoder_for
 from .packaged_models import resolve as resolve_packaged

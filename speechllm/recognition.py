@@ -17,8 +17,10 @@ from transformers import HfArgumentParser
 from .audio import SAMPLE_RATE, AudioError
 from .data import DataError
 from .errors import InputError, user_errors
+from .gguf_export import WEIGHT_TYPES
 from .hub import SAVED_FILES, pretrained_folder
 from .inputs import input_seconds, load_input_audio, read_inputs
+from .llama_engine import ENGINES, engine_decoder, import_llama_cpp
 from .metrics import error_rate, format_error_rate
 from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
 from .nbest import check_task_prompt
@@ -83,6 +85,34 @@ class RecognizeArguments:
         default=False,
         metadata={"help": "CPU: the decoding steps in int8, faster; the text changes a little (measure WER)"},
     )
+    engine: str = field(
+        default="torch",
+        metadata={
+            "choices": list(ENGINES),
+            "help": "llama.cpp: the LLM runs in llama.cpp (greedy, CPU; pip install 'speechllm[llama]'), the encoder "
+            "and projector in torch",
+        },
+    )
+    gguf_weights: str | None = field(
+        default=None,
+        metadata={
+            "choices": [None, *WEIGHT_TYPES],
+            "help": "--engine llama.cpp: gguf (the LLM's own .gguf file, LoRA as an adapter), or f32/f16/q8_0 written "
+            "with the LoRA merged (default: q8_0)",
+        },
+    )
+
+    def check_engine(self):
+        """The engine's options, before any model loads."""
+        if self.engine == "torch":
+            if self.gguf_weights is not None:
+                raise InputError("--gguf_weights is for --engine llama.cpp")
+            return
+        if self.num_beams != 1:
+            raise InputError(f"--engine llama.cpp decodes greedily: add --num_beams 1 (not {self.num_beams})")
+        if self.llm_int8:
+            raise InputError("--llm_int8 quantises the torch LLM: --engine llama.cpp runs its own (--gguf_weights)")
+        import_llama_cpp()
 
     def check(self):
         """What is wrong whatever the model and input: checked before anything is read."""
@@ -119,9 +149,9 @@ def process_share(seconds: list[float], process_index: int, num_processes: int) 
 
 
 def recognize(model, examples, batch_size=8, num_beams=4, max_new_tokens=None, prompt=None, on_batch=None, **options):
-    """One result row ({key, text, duration, decoding_seconds, finished}) an example, in their order; each process
-    decodes its share, and on_batch(rows) sees each batch's rows as soon as they are decoded. options: decode_batch's
-    (no_repeat_ngram_size, repetition_penalty, ...)."""
+    """One result row ({key, text, duration, decoding_seconds, finished}) an example, in their order; model: a SpeechLLM
+    or what decodes for it (llama_engine.engine_decoder). Each process decodes its share, and on_batch(rows) sees each
+    batch's rows as soon as they are decoded. options: decode_batch's (no_repeat_ngram_size, repetition_penalty...)."""
     state = process_state()
     mine = process_share([input_seconds(e) for e in examples], state.process_index, state.num_processes)
     rows = []
@@ -231,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     with user_errors(InputError):
         args.check()
     state = process_state()
+    with user_errors(InputError):
+        args.check_engine()
     with user_errors(DataError, OSError):
         examples = read_inputs(inputs)
     with user_errors(ValueError, OSError):  # before the models load: the saved model's files and every prompt
@@ -272,9 +304,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.llm_int8:
             with user_errors(ValueError):
                 quantize_llm_int8(model.llm)
+        with user_errors(InputError):
+            decoder = engine_decoder(model, args.engine, args.gguf_weights)
         with user_errors(DataError, AudioError):
             rows = recognize(
-                model, todo, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt, save,
+                decoder, todo, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt, save,
                 **args.decoding_options(),
             )  # fmt: skip
     if not state.is_main_process:

@@ -1,0 +1,30 @@
+"""What decoding gives back, whichever engine runs it (torch's generate or llama.cpp): a Hypothesis a clip, the loop
+guards' defaults and the token budget when none is given."""
+
+import math
+from dataclasses import dataclass
+
+from .audio import SAMPLE_RATE
+
+# Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
+LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
+
+
+@dataclass
+class Hypothesis:
+    text: str
+    token_ids: list[int]  # the answer's tokens, without the stop token
+    finished: bool  # False: it ran to max_new_tokens without ending (most often a loop)
+    avg_logprob: float | None = None  # mean log-probability of the tokens and the stop token (with_logprobs)
+    decoding_seconds: float = 0.0  # the clip's share of its batch's wall time: features, encoder, generation
+
+
+def token_budget(model, audios, prompts) -> int:
+    """max_new_tokens when none is given: room for the longest clip's words with the model's own prompt, at least
+    answer_max_new_tokens with any other (a summary, a reply to a spoken question is not as long as the audio)."""
+    longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
+    budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+    if any(prompt not in (None, model.config.prompt) for prompt in prompts):
+        budget = max(budget, model.config.answer_max_new_tokens)
+    return budget

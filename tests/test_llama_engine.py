@@ -1,0 +1,234 @@
+"""The llama.cpp engine (llama_engine.py, gguf_export.py): the same tokens as the torch path from the same weights,
+the same stop tokens and loop guards, GGUF files written, cached and remade, and one-line errors.
+
+llama-cpp-python is in the test extra: where it is missing these tests fail (they do not skip), as CI must."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from repo_scripts import load_script
+from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+from speechllm import SpeechLLM, SpeechLLMConfig
+from speechllm.audio import load_audio
+from speechllm.data import read_jsonl
+from speechllm.errors import InputError
+from speechllm.gguf_export import llm_gguf
+from speechllm.llama_engine import LlamaCppDecoder, banned_ngram_tokens, engine_decoder, guarded
+from speechllm.metrics import error_rate
+from speechllm.recognition import main as recognize_main
+
+STEPS = 24
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER = 0.5  # as test_real_models.py: greedy on LJ001-0080 alone
+
+
+@pytest.fixture(autouse=True)
+def gguf_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEECHLLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "gguf"
+
+
+def clips(n=3, seconds=(0.7, 1.3, 2.1)):
+    """Noisy tones, a pitch each: distinct clips."""
+    rng = np.random.default_rng(0)
+    audios = []
+    for i, length in enumerate(seconds[:n]):
+        t = np.arange(int(16000 * length)) / 16000
+        audios.append((0.3 * np.sin(2 * np.pi * 300 * (i + 1) * t) + 0.1 * rng.standard_normal(t.size)))
+    return [audio.astype(np.float32) for audio in audios]
+
+
+# Clips of one length, so no row is padded: transformers 5.25 exempts a left-padded row's first generated tokens from
+# repetition_penalty (it reads the padding as a prompt to ignore, while only generated tokens are there), which the
+# engine does not copy.
+SAME_LENGTH = (1.3, 1.3, 1.3)
+
+
+def steered(model):
+    """Distinct clips, distinct answers: a projector whose output the tiny LLM reads."""
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.projector.linear2.weight, std=0.5)
+    return model
+
+
+def with_lora(make_model, llm):
+    model = make_model(llm, lora_rank=4, lora_alpha=8.0)
+    torch.manual_seed(2)
+    for name, parameter in model.trained_parameters().items():
+        if "lora_B" in name:  # peft starts B at zero, which would hide a misplaced delta
+            torch.nn.init.normal_(parameter, std=0.3)
+    return steered(model).eval()
+
+
+def same_hypotheses(torch_path, engine):
+    assert [h.token_ids for h in engine] == [h.token_ids for h in torch_path]
+    assert [h.finished for h in engine] == [h.finished for h in torch_path]
+    assert [h.text for h in engine] == [h.text for h in torch_path]
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2"])
+def test_writes_the_torch_paths_tokens_from_the_same_weights(make_model, llm):
+    model = with_lora(make_model, llm)  # LoRA merged into an f32 GGUF, llama's q/k rows permuted
+    expected = model.decode_batch(clips(), max_new_tokens=STEPS, with_logprobs=True)
+    decoder = engine_decoder(model, "llama.cpp", weights="f32")
+    got = decoder.decode_batch(clips(), max_new_tokens=STEPS, with_logprobs=True)
+    same_hypotheses(expected, got)
+    assert len({tuple(h.token_ids) for h in got}) == 3  # the audio steers each clip's answer
+    # llama.cpp keeps keys and values in f16: the log-probabilities agree to that precision
+    np.testing.assert_allclose([h.avg_logprob for h in got], [h.avg_logprob for h in expected], rtol=2e-3)
+    # one clip after a batch: the cached chat prefix is reused, the batch's sequences are gone
+    same_hypotheses(expected[1:2], decoder.decode_batch(clips()[1:2], max_new_tokens=STEPS))
+
+
+def test_the_llms_own_gguf_file_with_the_lora_as_an_adapter(make_model, tiny):
+    """weights "gguf": the LLM's file as it is (here one written from the tiny llama), LoRA added by llama.cpp."""
+    gguf_file, _ = llm_gguf(make_model("llama"), "f32")
+    config = SpeechLLMConfig(
+        whisper_model_name_or_path=tiny["whisper"], llm_model_name_or_path=gguf_file, projector_hidden_size=32,
+        model_dtype="float32", lora_rank=4, lora_alpha=8.0,
+    )  # fmt: skip
+    model = SpeechLLM(config)
+    model.load_state_dict(with_lora(make_model, "llama").state_dict())  # the same projector and LoRA
+    model.eval()
+    expected = model.decode_batch(clips(), max_new_tokens=STEPS)
+    decoder = engine_decoder(model, "llama.cpp", weights="gguf")
+    assert decoder.files[0] == gguf_file and decoder.files[1].endswith(".gguf")
+    same_hypotheses(expected, decoder.decode_batch(clips(), max_new_tokens=STEPS))
+
+
+GUARDS = [
+    {"no_repeat_ngram_size": 1},
+    {"repetition_penalty": 1.5},
+    {"repetition_penalty": 0.5, "no_repeat_ngram_size": 2},  # a penalty under 1 makes loops, which the n-grams break
+]
+
+
+@pytest.mark.parametrize("guards", GUARDS)
+def test_loop_guards_act_as_in_the_torch_path(make_model, guards):
+    model = steered(make_model("llama")).eval()
+    decoder = engine_decoder(model, "llama.cpp", weights="f32")
+    audios = clips(seconds=SAME_LENGTH)
+    unguarded = model.decode_batch(audios, max_new_tokens=STEPS)
+    expected = model.decode_batch(audios, max_new_tokens=STEPS, **guards)
+    assert [h.token_ids for h in expected] != [h.token_ids for h in unguarded]  # the guard changes the answers
+    same_hypotheses(expected, decoder.decode_batch(audios, max_new_tokens=STEPS, **guards))
+    # the model's own generation_config is the default, as in the torch path
+    model.generation_config.update(**guards)
+    same_hypotheses(expected, decoder.decode_batch(audios, max_new_tokens=STEPS))
+
+
+def test_stops_where_the_torch_path_stops(make_model):
+    model = steered(make_model("llama")).eval()
+    decoder = engine_decoder(model, "llama.cpp", weights="f32")
+    running = decoder.decode_batch(clips(), max_new_tokens=STEPS)
+    row = next(n for n, h in enumerate(running) if not h.finished)
+    stop = running[row].token_ids[3]  # the tiny LLM seldom ends: make a token it writes a stop token
+    model.processor.stop_token_ids.append(stop)
+    expected = model.decode_batch(clips(), max_new_tokens=STEPS, with_logprobs=True)
+    got = decoder.decode_batch(clips(), max_new_tokens=STEPS, with_logprobs=True)
+    same_hypotheses(expected, got)
+    assert got[row].finished and got[row].token_ids == running[row].token_ids[: running[row].token_ids.index(stop)]
+    np.testing.assert_allclose([h.avg_logprob for h in got], [h.avg_logprob for h in expected], rtol=2e-3)
+
+
+def test_loop_guards_match_transformers_logits_processors():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        generated = rng.integers(0, 6, size=int(rng.integers(0, 12))).tolist()
+        logits = rng.standard_normal(8).astype(np.float32)
+        ids = torch.tensor([generated], dtype=torch.long)
+        expected = RepetitionPenaltyLogitsProcessor(1.7)(ids, torch.tensor(logits[None]))
+        expected = NoRepeatNGramLogitsProcessor(3)(ids, expected)[0].numpy()
+        np.testing.assert_array_equal(guarded(logits.copy(), generated, 1.7, 3), expected)
+    assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3] and banned_ngram_tokens([1, 2], 3) == []
+
+
+def test_gguf_is_cached_and_remade_when_the_weights_change(make_model, gguf_cache):
+    model = with_lora(make_model, "llama")
+    first = engine_decoder(model, "llama.cpp", weights="f32")
+    assert engine_decoder(model, "llama.cpp", weights="f32") is first
+    assert len(list(gguf_cache.glob("*.gguf"))) == 1
+    before = first.decode_batch(clips(), max_new_tokens=STEPS)
+    with torch.no_grad():
+        next(p for n, p in model.trained_parameters().items() if "lora_B" in n).mul_(-3)
+    second = engine_decoder(model, "llama.cpp", weights="f32")
+    assert second is not first and second.files != first.files and len(list(gguf_cache.glob("*.gguf"))) == 2
+    after = second.decode_batch(clips(), max_new_tokens=STEPS)
+    same_hypotheses(model.decode_batch(clips(), max_new_tokens=STEPS), after)
+    assert [h.token_ids for h in after] != [h.token_ids for h in before]
+
+
+def test_a_missing_llama_cpp_python_is_one_line(make_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp then raises ImportError
+    with pytest.raises(InputError, match=r"pip install 'speechllm\[llama\]'"):
+        LlamaCppDecoder(make_model("llama"), weights="f32")
+
+
+def test_beams_and_unknown_engines_are_user_errors(make_model):
+    model = make_model("llama").eval()
+    with pytest.raises(InputError, match="engine must be one of torch, llama.cpp"):
+        engine_decoder(model, "onnx")
+    with pytest.raises(InputError, match="decodes greedily"):
+        engine_decoder(model, "llama.cpp", weights="f32").decode_batch(clips(1), num_beams=4)
+    with pytest.raises(InputError, match="not an LLM loaded from a .gguf|was not loaded from one"):
+        engine_decoder(model, "llama.cpp", weights="gguf")
+
+
+def test_recognize_with_the_engine_writes_what_the_torch_path_writes(make_model, tiny, tmp_path, capsys):
+    model = steered(make_model("llama"))
+    model.save_pretrained(tmp_path / "model")
+    common = ["--projector_model_path", str(tmp_path / "model"), "--data_path", tiny["jsonl"], "--num_beams", "1"]
+    common += ["--max_new_tokens", "8", "--batch_size", "3"]
+    recognize_main(common + ["--result_path", str(tmp_path / "torch.txt")])
+    engine = ["--engine", "llama.cpp", "--gguf_weights", "f32"]
+    recognize_main(common + ["--result_path", str(tmp_path / "llama.txt"), *engine])
+    assert (tmp_path / "llama.txt").read_text() == (tmp_path / "torch.txt").read_text()
+    with pytest.raises(SystemExit):
+        recognize_main(common[:-4] + ["--engine", "llama.cpp", "--num_beams", "4"])
+    assert "--engine llama.cpp decodes greedily" in capsys.readouterr().err
+
+
+def test_speed_bench_times_the_engines_phases(make_model, tiny, tmp_path):
+    steered(make_model("llama")).save_pretrained(tmp_path / "model")
+    bench = load_script("bench/speed.py")
+    out = tmp_path / "speed.json"
+    options = ["--quick", "--threads", "1", "--engine", "both", "--gguf_weights", "f32", "--audio_modes", "dynamic"]
+    bench.main([tiny["jsonl"], "--model", str(tmp_path / "model"), *options, "--json", str(out)])
+    result = json.loads(out.read_text())
+    engine = [r for r in result["recognition"] if r["engine"] == "llama.cpp"]
+    assert {(r["batch_size"], r["num_beams"]) for r in engine} == {(1, 1), (bench.QUICK["batch_size"], 1)}
+    torch_rows = {r["batch_size"]: r for r in result["recognition"] if r["engine"] == "torch" and r["num_beams"] == 1}
+    for r in engine:
+        batches = -(-bench.QUICK["limit"] // r["batch_size"])
+        # a prompt pass a batch, and the chat prefix's again where the batch needed a larger context
+        assert batches <= r["prompt"]["calls"] <= batches + 1
+        assert 0 < r["steps"]["count"] <= batches * (bench.QUICK["max_new_tokens"] - 1)
+        assert r["steps"]["floor_seconds"] > 0 and r["encoder"]["seconds"] > 0 and r["steps"]["seconds"] > 0
+        assert r["generated_tokens"] == torch_rows[r["batch_size"]]["generated_tokens"]  # the same answers
+
+
+def test_the_shipped_model_writes_the_torch_paths_tokens(tmp_path):
+    """The real llama-architecture GGUF (SmolLM2, Q4_1) with the shipped LoRA: merged into f32, the same tokens;
+    its own Q4_1 file with the LoRA as an adapter still reads the clip the torch path reads."""
+    model = SpeechLLM.from_pretrained(EXAMPLES / "tiny_en_smollm2")
+    examples = read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))
+    audios = [load_audio(e.wav) for e in examples]
+    expected = model.decode_batch(audios, max_new_tokens=30)
+    same_hypotheses(expected, engine_decoder(model, "llama.cpp", weights="f32").decode_batch(audios, max_new_tokens=30))
+    (clip,) = [n for n, e in enumerate(examples) if e.key == "LJ001-0080"]
+    (hypothesis,) = engine_decoder(model, "llama.cpp", weights="gguf").decode_batch([audios[clip]], max_new_tokens=30)
+    text = hypothesis.text
+    assert error_rate([examples[clip].txt], [text])["wer"] < SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER, text
+
+
+def test_transcribe_takes_the_engine(make_model):
+    model = with_lora(make_model, "llama")
+    expected = [h.text for h in engine_decoder(model, "llama.cpp").decode_batch(clips(), max_new_tokens=STEPS)]
+    assert model.transcribe(clips(), max_new_tokens=STEPS, engine="llama.cpp") == expected
+    with pytest.raises(InputError, match="engine must be one of"):
+        model.transcribe(clips(), engine="vllm")
