@@ -13,6 +13,7 @@ from .audio import SAMPLE_RATE
 from .errors import InputError
 from .hypothesis import LOOP_GUARDS, Hypothesis, token_budget
 from .inputs import as_clips
+from .llama_engine import engine_decoder
 from .logprobs import token_logprobs
 from .nbest import error_correction_batch
 from .rescoring import rescore_batch
