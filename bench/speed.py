@@ -34,13 +34,13 @@ import time
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from speechllm import SpeechLLM
 from speechllm.audio import ENCODER_STRIDE, SAMPLE_RATE, num_frames, split_windows
 from speechllm.data import Collator, SpeechDataset, load_example_audio, read_jsonl
 from speechllm.quantization import Int8StepLinear, quantize_llm_int8
-from speechllm.training import SpeechLLMTrainer
+from speechllm.training import AUTO, SpeechLLMTrainer, SpeechTrainingArguments
 
 QUICK = {"limit": 2, "batch_size": 2, "max_new_tokens": 4, "train_steps": 2, "train_batch_size": 2}
 MATMUL_SIZE = {"full": 2048, "quick": 256}  # square matmul for the rate: large enough to reach the kernel's peak
@@ -324,12 +324,12 @@ class StepTimes(TrainerCallback):
         self.seconds.append(self.clock() - self._started)
 
 
-def training(model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps) -> dict:
+def training(model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps, bf16) -> dict:
     dataset = SpeechDataset(data_path)
     dataset.examples = examples
     step_times = StepTimes(clock)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
+        args = SpeechTrainingArguments(  # train.py's defaults: length-grouped batches, bf16 where native
             output_dir=output_dir,
             per_device_train_batch_size=batch_size,
             max_steps=steps,
@@ -341,6 +341,7 @@ def training(model, data_path, examples, costs, rates, clock, *, batch_size, ste
             remove_unused_columns=False,
             use_cpu=model.llm.device.type == "cpu",
             seed=0,
+            bf16=bf16,
         )
         trainer = SpeechLLMTrainer(
             model=model,
@@ -365,6 +366,8 @@ def training(model, data_path, examples, costs, rates, clock, *, batch_size, ste
     seconds = sum(timed)
     return {
         "batch_size": batch_size,
+        "bf16": trainer.args.bf16,
+        "sampling": trainer.args.train_sampling_strategy,
         "steps_timed": len(timed),
         "seconds_per_step": seconds / len(timed),
         "utterances_per_second": batch_size * len(timed) / seconds,
@@ -407,6 +410,7 @@ def table(result: dict) -> str:
         )
     train = result["training"]
     if train is not None:
+        lines += ["", f"training: bf16 autocast {train['bf16']}, {train['sampling']} batches"]
         share = train["floor_seconds_per_step"] / train["seconds_per_step"]
         lines += [
             "",
@@ -429,11 +433,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=8, help="first N utterances")
     parser.add_argument("--batch_size", type=int, default=8, help="the batched settings' batch (and batch 1)")
     parser.add_argument("--num_beams", type=int, default=4, help="the beam settings' beams (and greedy)")
-    parser.add_argument("--audio_modes", default="dynamic,window")
+    parser.add_argument("--audio_modes", default="dynamic,window", help="'': no recognition, training only")
     parser.add_argument("--max_new_tokens", type=int, default=50)
     parser.add_argument("--train_batch_size", type=int, default=4)
+    parser.add_argument("--train_steps", type=int, default=4, help="the warm-up steps included; 0: no training")
     parser.add_argument(
-        "--train_steps", type=int, default=4, help="the first is a warm-up and not timed; 0: no training"
+        "--train_warmup_steps", type=int, default=1, help="training steps not timed (an epoch's: the same clips timed)"
+    )
+    parser.add_argument(
+        "--train_bf16", default="auto", choices=["auto", "true", "false"], help="train.py's --bf16 (default: auto)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--clock", default="wall", choices=["wall", "process"])
@@ -465,11 +473,12 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.model_dtype)
     rates = machine_rates(clock, device, dtype, MATMUL_SIZE[size], BANDWIDTH_MIB[size], REPEATS[size])
     costs = Costs(model)
-    model.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: thread pools, allocator, the prompt's tokens
+    if args.audio_modes:
+        model.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: thread pools, allocator, the prompt's tokens
 
     settings = [
         dict(audio_mode=mode, batch_size=batch, num_beams=beams)
-        for mode in args.audio_modes.split(",")
+        for mode in filter(None, args.audio_modes.split(","))
         for beams in dict.fromkeys([1, args.num_beams])
         for batch in dict.fromkeys([1, args.batch_size])
     ]
@@ -486,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_steps and not args.llm_int8:  # int8 layers have no gradient
         train = training(
             model, args.data, examples, costs, rates, clock,
-            batch_size=args.train_batch_size, steps=args.train_steps, warmup_steps=1,
+            batch_size=args.train_batch_size, steps=args.train_steps, warmup_steps=args.train_warmup_steps,
+            bf16={"auto": AUTO, "true": True, "false": False}[args.train_bf16],
         )  # fmt: skip
     result = {
         "command": " ".join(["python", "bench/speed.py", *(sys.argv[1:] if argv is None else argv)]),

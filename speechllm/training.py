@@ -19,8 +19,19 @@ from .errors import InputError, run_command_line
 from .hub import pretrained_folder
 from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
 from .nbest import DEFAULT_NBEST_PROMPT, error_correction_collator
+from .precision import computes_bf16_natively
 
 _DEFAULTS = SpeechLLMConfig()
+
+
+class _Auto:
+    """The default of a bool option that the device decides: not a string, which argparse would parse as a bool."""
+
+    def __repr__(self):
+        return "auto"
+
+
+AUTO = _Auto()
 
 
 def _option(help: str, **metadata):
@@ -79,6 +90,29 @@ class ResumeArguments:
         default=False,
         metadata={"help": "start afresh: delete output_dir's checkpoints instead of resuming from the newest one"},
     )
+
+
+@dataclass
+class SpeechTrainingArguments(TrainingArguments):
+    """HF's TrainingArguments with this project's default of bf16 autocast where the device computes bf16 natively."""
+
+    # A bool option (--bf16, --bf16 False) whose default the device decides: AUTO until __post_init__.
+    bf16: bool = field(
+        default=AUTO,
+        metadata={
+            "help": "bf16 mixed precision (autocast); default: on where the device computes bf16 natively (CUDA with "
+            "bf16, a CPU with AVX512-BF16 or AMX) unless --fp16, --deepspeed or ACCELERATE_MIXED_PRECISION decides"
+        },
+    )
+
+    def __post_init__(self):
+        auto = self.bf16 is AUTO
+        if auto:  # off through TrainingArguments' checks, which would ask for --use_cpu on a CPU-only machine
+            self.bf16 = False
+        super().__post_init__()
+        decided = self.fp16 or self.deepspeed or "ACCELERATE_MIXED_PRECISION" in os.environ
+        if auto and not decided and computes_bf16_natively(self.device):
+            self.bf16, self.mixed_precision = True, "bf16"
 
 
 def build_model(model_args: ModelArguments) -> SpeechLLM:
@@ -226,7 +260,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     _init_cpu_distributed(argv)
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, ResumeArguments, DistillArguments, AugmentArguments, TrainingArguments)
+        (ModelArguments, DataArguments, ResumeArguments, DistillArguments, AugmentArguments, SpeechTrainingArguments)
     )
     try:
         parsed = parser.parse_args_into_dataclasses(argv)
