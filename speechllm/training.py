@@ -94,7 +94,8 @@ class ResumeArguments:
 
 @dataclass
 class SpeechTrainingArguments(TrainingArguments):
-    """HF's TrainingArguments with this project's default of bf16 autocast where the device computes bf16 natively."""
+    """HF's TrainingArguments with two defaults of this project's: bf16 autocast where the device computes bf16
+    natively, and batches of clips of similar length, so less of each batch is padding."""
 
     # A bool option (--bf16, --bf16 False) whose default the device decides: AUTO until __post_init__.
     bf16: bool = field(
@@ -102,6 +103,14 @@ class SpeechTrainingArguments(TrainingArguments):
         metadata={
             "help": "bf16 mixed precision (autocast); default: on where the device computes bf16 natively (CUDA with "
             "bf16, a CPU with AVX512-BF16 or AMX) unless --fp16, --deepspeed or ACCELERATE_MIXED_PRECISION decides"
+        },
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={
+            "help": "training batches: 'group_by_length' (default: clips of similar duration together), 'random', "
+            "'sequential' or 'batch_rebalance'",
+            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
         },
     )
 

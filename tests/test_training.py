@@ -696,3 +696,9 @@ def test_training_autocasts_to_bf16_where_the_cpu_computes_it(tiny, data, tmp_pa
     dtypes = OutputDtypes()
     train(train_args(tiny, data, tmp_path, "--max_steps", "1", "--save_strategy", "no"), [dtypes])
     assert dtypes.dtypes == {torch.bfloat16 if native else torch.float32}
+
+
+def test_length_grouped_batches_are_the_training_default(tmp_path):
+    parser = training.HfArgumentParser(training.SpeechTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu"])
+    assert args.train_sampling_strategy == "group_by_length"
