@@ -324,7 +324,9 @@ class StepTimes(TrainerCallback):
         self.seconds.append(self.clock() - self._started)
 
 
-def training(model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps, bf16) -> dict:
+def training(
+    model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps, bf16, encoder_cache
+) -> dict:
     dataset = SpeechDataset(data_path)
     dataset.examples = examples
     step_times = StepTimes(clock)
@@ -349,6 +351,7 @@ def training(model, data_path, examples, costs, rates, clock, *, batch_size, ste
             train_dataset=dataset,
             data_collator=Collator(model.processor),
             callbacks=[step_times],
+            encoder_cache_dir=os.path.join(output_dir, "encoder_cache") if encoder_cache else None,
         )
         with PeakMemory(model.llm.device) as memory, Phases(model, clock) as phases:
             trainer.train()
@@ -367,6 +370,7 @@ def training(model, data_path, examples, costs, rates, clock, *, batch_size, ste
     return {
         "batch_size": batch_size,
         "bf16": trainer.args.bf16,
+        "encoder_cache": encoder_cache,
         "sampling": trainer.args.train_sampling_strategy,
         "steps_timed": len(timed),
         "seconds_per_step": seconds / len(timed),
@@ -410,7 +414,8 @@ def table(result: dict) -> str:
         )
     train = result["training"]
     if train is not None:
-        lines += ["", f"training: bf16 autocast {train['bf16']}, {train['sampling']} batches"]
+        cache = ", encoder cache" if train["encoder_cache"] else ""
+        lines += ["", f"training: bf16 autocast {train['bf16']}, {train['sampling']} batches{cache}"]
         share = train["floor_seconds_per_step"] / train["seconds_per_step"]
         lines += [
             "",
@@ -442,6 +447,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--train_bf16", default="auto", choices=["auto", "true", "false"], help="train.py's --bf16 (default: auto)"
+    )
+    parser.add_argument(
+        "--train_encoder_cache",
+        action="store_true",
+        help="train.py's --encoder_cache_dir (a fresh one): time the steps after the first epoch, which fills it",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--clock", default="wall", choices=["wall", "process"])
@@ -492,11 +502,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
     model.processor.audio_mode = model.config.audio_mode
     train = None
+    warmup_steps = args.train_warmup_steps
+    if args.train_encoder_cache:  # the first epoch fills the cache: timed steps are hits
+        warmup_steps = max(warmup_steps, math.ceil(len(examples) / args.train_batch_size))
     if args.train_steps and not args.llm_int8:  # int8 layers have no gradient
         train = training(
             model, args.data, examples, costs, rates, clock,
-            batch_size=args.train_batch_size, steps=args.train_steps, warmup_steps=args.train_warmup_steps,
+            batch_size=args.train_batch_size, steps=args.train_steps, warmup_steps=warmup_steps,
             bf16={"auto": AUTO, "true": True, "false": False}[args.train_bf16],
+            encoder_cache=args.train_encoder_cache,
         )  # fmt: skip
     result = {
         "command": " ".join(["python", "bench/speed.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -15,6 +15,7 @@ from .augment import AugmentArguments, spec_augment
 from .checkpoints import checkpoint_to_resume
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
+from .encoder_cache import CachedAudioDataset, CachingCollator, EncoderCache
 from .errors import InputError, run_command_line
 from .hub import pretrained_folder
 from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
@@ -82,6 +83,13 @@ class DataArguments:
         default=False,
         metadata={"help": "read ALL-CAPS txt in sentence case as Whisper writes (data.sentence_case); files unchanged"},
     )
+    encoder_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "keep the frozen encoder's output for each clip here (encoder_cache.py): epochs after the first "
+            "decode no audio and run no encoder; safe to delete, shared by runs with the same encoder"
+        },
+    )
 
 
 @dataclass
@@ -147,9 +155,21 @@ class SpeechLLMTrainer(Trainer):
         *args,
         distill_args: DistillArguments | None = None,
         augment_args: AugmentArguments | None = None,
+        encoder_cache_dir: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.encoder_cache = None
+        if encoder_cache_dir:
+            speechllm = self.accelerator.unwrap_model(self.model)
+            self.encoder_cache = EncoderCache(
+                encoder_cache_dir, speechllm.encoder, speechllm.config.audio_mode, self.args.mixed_precision
+            )
+            if self.train_dataset is not None:
+                self.train_dataset = CachedAudioDataset(self.train_dataset, self.encoder_cache)
+            if self.eval_dataset is not None:
+                self.eval_dataset = CachedAudioDataset(self.eval_dataset, self.encoder_cache)
+            self.data_collator = CachingCollator(self.data_collator)
         self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
         self.augment = augment_args if augment_args and augment_args.spec_augment else None
         # mel, mel_frames and audio_tokens have a row per 30 s window, not per clip: a split of the batch along its
@@ -184,11 +204,21 @@ class SpeechLLMTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "cache_keys" in inputs:  # a batch the encoder cache lacks: encoded here, as the model would, and kept
+            inputs = self._encode_and_cache(model, inputs)
         if self.augment is not None and model.training:  # training batches only, never evaluation
             inputs = inputs | {"mel": spec_augment(inputs["mel"], inputs["mel_frames"], self.augment)}
         if self.distillation is not None:  # in place of the model, so the Trainer scales the combined loss as its own
             model = functools.partial(self.distillation, model, self.accelerator.unwrap_model(model))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _encode_and_cache(self, model, inputs: dict) -> dict:
+        inputs = dict(inputs)
+        keys, clip_samples = inputs.pop("cache_keys"), inputs.pop("clip_samples")
+        with torch.no_grad(), self.accelerator.autocast():  # the precision the model's forward runs the encoder in
+            features = self.accelerator.unwrap_model(model).encoder(inputs["mel"], inputs["mel_frames"])
+        self.encoder_cache.save_batch(keys, clip_samples, features, inputs["mel_frames"])
+        return inputs | {"mel": None, "audio_features": features}
 
     def log(self, logs, *args, **kwargs):
         if self.distillation is not None and "loss" in logs:
@@ -279,6 +309,10 @@ def main(argv: list[str] | None = None):
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
     if training_args.eval_strategy != "no" and not data_args.eval_data_path:
         raise InputError("--eval_strategy needs --eval_data_path")
+    if data_args.encoder_cache_dir and augment_args.spec_augment:
+        raise InputError("--encoder_cache_dir keeps the encoder's output on the clean audio: --spec_augment changes it")
+    if data_args.encoder_cache_dir and training_args.deepspeed:
+        raise InputError("--encoder_cache_dir runs the encoder outside the model's forward, which --deepspeed shards")
 
     # Every line is checked before the models load, and the resume point found: an interrupted run picks up from
     # its newest complete checkpoint.
@@ -300,6 +334,8 @@ def main(argv: list[str] | None = None):
     model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
     if model.config.nbest and distill_args.enabled:
         raise ValueError("--nbest (error correction) and --distill_weight (speech as a prompt) do not combine")
+    if model.config.nbest and data_args.encoder_cache_dir:
+        raise InputError("--encoder_cache_dir does not combine with --nbest: error correction encodes its own batches")
     if model.config.nbest:  # the n-best the jsonl does not cache, decoded once before training
         collator = error_correction_collator(model, [train_data, eval_data], training_args.device)
     else:
@@ -312,6 +348,7 @@ def main(argv: list[str] | None = None):
         data_collator=collator,
         distill_args=distill_args,
         augment_args=augment_args,
+        encoder_cache_dir=data_args.encoder_cache_dir,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
