@@ -11,7 +11,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .augment import AugmentArguments, spec_augment
+from .augment import AugmentArguments, SpeedPerturbation, spec_augment
 from .checkpoints import checkpoint_to_resume
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
@@ -187,6 +187,9 @@ class SpeechLLMTrainer(Trainer):
             self.model.register_load_state_dict_post_hook(_frozen_weights_optional)
         self._epoch_setter = _SetSamplerEpoch()
         self.add_callback(self._epoch_setter)
+        if augment_args and augment_args.speeds and self.train_dataset is not None:  # training clips only
+            self.train_dataset = SpeedPerturbation(self.train_dataset, augment_args.speeds, self._data_seed)
+            self._epoch_setter.speed_perturbation = self.train_dataset
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
@@ -272,13 +275,16 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
 
 class _SetSamplerEpoch(TrainerCallback):
     """Tells the sampler which epoch begins: accelerate's set_epoch reaches it through a process shard or through the
-    batches a resumed epoch skips, but not through both (torchrun, resumed mid-epoch)."""
+    batches a resumed epoch skips, but not through both (torchrun, resumed mid-epoch). And the speed perturbation,
+    which nothing else tells (before the epoch's data loader starts its workers, which copy it)."""
 
     sampler = None
+    speed_perturbation = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.sampler is not None:
-            self.sampler.set_epoch(int(state.epoch or 0))  # a resumed run starts inside the epoch it stopped in
+        for target in (self.sampler, self.speed_perturbation):
+            if target is not None:
+                target.set_epoch(int(state.epoch or 0))  # a resumed run starts inside the epoch it stopped in
 
 
 def _frozen_weights_optional(model, incompatible_keys):
@@ -309,8 +315,11 @@ def main(argv: list[str] | None = None):
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
     if training_args.eval_strategy != "no" and not data_args.eval_data_path:
         raise InputError("--eval_strategy needs --eval_data_path")
-    if data_args.encoder_cache_dir and augment_args.spec_augment:
-        raise InputError("--encoder_cache_dir keeps the encoder's output on the clean audio: --spec_augment changes it")
+    if data_args.encoder_cache_dir and (augment_args.spec_augment or augment_args.speeds):
+        raise InputError(
+            "--encoder_cache_dir keeps the encoder's output on the clean audio: --spec_augment and --speed_perturb "
+            "change it every epoch"
+        )
     if data_args.encoder_cache_dir and training_args.deepspeed:
         raise InputError("--encoder_cache_dir runs the encoder outside the model's forward, which --deepspeed shards")
 
