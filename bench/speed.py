@@ -325,7 +325,7 @@ class StepTimes(TrainerCallback):
 
 
 def training(
-    model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps, bf16, encoder_cache
+    model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps, bf16, encoder_cache, sampling
 ) -> dict:
     dataset = SpeechDataset(data_path)
     dataset.examples = examples
@@ -344,6 +344,7 @@ def training(
             use_cpu=model.llm.device.type == "cpu",
             seed=0,
             bf16=bf16,
+            train_sampling_strategy=sampling,
         )
         trainer = SpeechLLMTrainer(
             model=model,
@@ -449,6 +450,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--train_bf16", default="auto", choices=["auto", "true", "false"], help="train.py's --bf16 (default: auto)"
     )
     parser.add_argument(
+        "--train_sampling_strategy",
+        default="group_by_length",
+        choices=["group_by_length", "random"],
+        help="train.py's (group_by_length groups nothing below --limit of 8 batches: HF sorts within 4 megabatches)",
+    )
+    parser.add_argument(
         "--train_encoder_cache",
         action="store_true",
         help="train.py's --encoder_cache_dir (a fresh one): time the steps after the first epoch, which fills it",
@@ -511,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.train_batch_size, steps=args.train_steps, warmup_steps=warmup_steps,
             bf16={"auto": AUTO, "true": True, "false": False}[args.train_bf16],
             encoder_cache=args.train_encoder_cache,
+            sampling=args.train_sampling_strategy,
         )  # fmt: skip
     result = {
         "command": " ".join(["python", "bench/speed.py", *(sys.argv[1:] if argv is None else argv)]),
