@@ -42,7 +42,7 @@ import gguf
 import numpy as np
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from speechllm import SpeechLLM
 from speechllm.audio import ENCODER_STRIDE, SAMPLE_RATE, num_frames, split_windows
@@ -50,7 +50,7 @@ from speechllm.data import Collator, SpeechDataset, load_example_audio, read_jso
 from speechllm.gguf_export import WEIGHT_TYPES
 from speechllm.llama_engine import LlamaCppDecoder, engine_decoder
 from speechllm.quantization import Int8StepLinear, quantize_llm_int8
-from speechllm.training import SpeechLLMTrainer
+from speechllm.training import AUTO, SpeechLLMTrainer, SpeechTrainingArguments
 
 QUICK = {"limit": 2, "batch_size": 2, "max_new_tokens": 4, "train_steps": 2, "train_batch_size": 2}
 MATMUL_SIZE = {"full": 2048, "quick": 256}  # square matmul for the rate: large enough to reach the kernel's peak
@@ -373,12 +373,14 @@ class StepTimes(TrainerCallback):
         self.seconds.append(self.clock() - self._started)
 
 
-def training(model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps) -> dict:
+def training(
+    model, data_path, examples, costs, rates, clock, *, batch_size, steps, warmup_steps, bf16, encoder_cache, sampling
+) -> dict:
     dataset = SpeechDataset(data_path)
     dataset.examples = examples
     step_times = StepTimes(clock)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
+        args = SpeechTrainingArguments(  # train.py's defaults: length-grouped batches, bf16 where native
             output_dir=output_dir,
             per_device_train_batch_size=batch_size,
             max_steps=steps,
@@ -390,6 +392,8 @@ def training(model, data_path, examples, costs, rates, clock, *, batch_size, ste
             remove_unused_columns=False,
             use_cpu=model.llm.device.type == "cpu",
             seed=0,
+            bf16=bf16,
+            train_sampling_strategy=sampling,
         )
         trainer = SpeechLLMTrainer(
             model=model,
@@ -397,6 +401,7 @@ def training(model, data_path, examples, costs, rates, clock, *, batch_size, ste
             train_dataset=dataset,
             data_collator=Collator(model.processor),
             callbacks=[step_times],
+            encoder_cache_dir=os.path.join(output_dir, "encoder_cache") if encoder_cache else None,
         )
         with PeakMemory(model.llm.device) as memory, Phases(model, clock) as phases:
             trainer.train()
@@ -414,6 +419,9 @@ def training(model, data_path, examples, costs, rates, clock, *, batch_size, ste
     seconds = sum(timed)
     return {
         "batch_size": batch_size,
+        "bf16": trainer.args.bf16,
+        "encoder_cache": encoder_cache,
+        "sampling": trainer.args.train_sampling_strategy,
         "steps_timed": len(timed),
         "seconds_per_step": seconds / len(timed),
         "utterances_per_second": batch_size * len(timed) / seconds,
@@ -456,6 +464,8 @@ def table(result: dict) -> str:
         )
     train = result["training"]
     if train is not None:
+        cache = ", encoder cache" if train["encoder_cache"] else ""
+        lines += ["", f"training: bf16 autocast {train['bf16']}, {train['sampling']} batches{cache}"]
         share = train["floor_seconds_per_step"] / train["seconds_per_step"]
         lines += [
             "",
@@ -478,11 +488,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=8, help="first N utterances")
     parser.add_argument("--batch_size", type=int, default=8, help="the batched settings' batch (and batch 1)")
     parser.add_argument("--num_beams", type=int, default=4, help="the beam settings' beams (and greedy)")
-    parser.add_argument("--audio_modes", default="dynamic,window")
+    parser.add_argument("--audio_modes", default="dynamic,window", help="'': no recognition, training only")
     parser.add_argument("--max_new_tokens", type=int, default=50)
     parser.add_argument("--train_batch_size", type=int, default=4)
+    parser.add_argument("--train_steps", type=int, default=4, help="the warm-up steps included; 0: no training")
     parser.add_argument(
-        "--train_steps", type=int, default=4, help="the first is a warm-up and not timed; 0: no training"
+        "--train_warmup_steps", type=int, default=1, help="training steps not timed (an epoch's: the same clips timed)"
+    )
+    parser.add_argument(
+        "--train_bf16", default="auto", choices=["auto", "true", "false"], help="train.py's --bf16 (default: auto)"
+    )
+    parser.add_argument(
+        "--train_sampling_strategy",
+        default="group_by_length",
+        choices=["group_by_length", "random"],
+        help="train.py's (group_by_length groups nothing below --limit of 8 batches: HF sorts within 4 megabatches)",
+    )
+    parser.add_argument(
+        "--train_encoder_cache",
+        action="store_true",
+        help="train.py's --encoder_cache_dir (a fresh one): time the steps after the first epoch, which fills it",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument(
@@ -518,9 +543,11 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.model_dtype)
     rates = machine_rates(clock, device, dtype, MATMUL_SIZE[size], BANDWIDTH_MIB[size], REPEATS[size])
     costs = Costs(model)
-    model.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: thread pools, allocator, the prompt's tokens
+    if args.audio_modes:
+        model.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: thread pools, allocator, the prompt's tokens
 
     engines = ["torch", "llama.cpp"] if args.engine == "both" else [args.engine]
+    engines = engines if args.audio_modes else []  # --audio_modes '': training only
     recognitions = []
     for engine in engines:
         decoder = engine_decoder(model, engine, args.gguf_weights, threads=torch.get_num_threads())
@@ -528,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
         decoder.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: llama.cpp's context and the chat prefix
         settings = [
             dict(audio_mode=mode, batch_size=batch, num_beams=beams)
-            for mode in args.audio_modes.split(",")
+            for mode in filter(None, args.audio_modes.split(","))
             for beams in dict.fromkeys([1] if engine == "llama.cpp" else [1, args.num_beams])
             for batch in dict.fromkeys([1, args.batch_size])
         ]
@@ -542,10 +569,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({k: recognitions[-1][k] for k in keys}), flush=True)
     model.processor.audio_mode = model.config.audio_mode
     train = None
+    warmup_steps = args.train_warmup_steps
+    if args.train_encoder_cache:  # the first epoch fills the cache: timed steps are hits
+        warmup_steps = max(warmup_steps, math.ceil(len(examples) / args.train_batch_size))
     if args.train_steps and not args.llm_int8:  # int8 layers have no gradient
         train = training(
             model, args.data, examples, costs, rates, clock,
-            batch_size=args.train_batch_size, steps=args.train_steps, warmup_steps=1,
+            batch_size=args.train_batch_size, steps=args.train_steps, warmup_steps=warmup_steps,
+            bf16={"auto": AUTO, "true": True, "false": False}[args.train_bf16],
+            encoder_cache=args.train_encoder_cache,
+            sampling=args.train_sampling_strategy,
         )  # fmt: skip
     result = {
         "command": " ".join(["python", "bench/speed.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -91,6 +91,11 @@ def split_windows(audio: np.ndarray) -> list[np.ndarray]:
     return [audio[start : start + WINDOW_SAMPLES] for start in range(0, max(len(audio), 1), WINDOW_SAMPLES)]
 
 
+def window_lengths(num_samples: int) -> list[int]:
+    """Samples in each of split_windows' windows of a clip this long."""
+    return [min(WINDOW_SAMPLES, num_samples - start) for start in range(0, max(num_samples, 1), WINDOW_SAMPLES)]
+
+
 def num_frames(num_samples: int) -> int:
     """Mel frames of a window (Whisper's STFT drops the last frame), at least one."""
     return max(1, min(num_samples, WINDOW_SAMPLES) // HOP_LENGTH)
@@ -103,6 +108,15 @@ def num_audio_tokens(num_samples: int, kernel_size: int) -> int:
         encoder_frames = math.ceil(num_frames(num_samples - start) / ENCODER_STRIDE)
         tokens += math.ceil(encoder_frames / kernel_size)
     return tokens
+
+
+def batch_frames(frames: list[int], pad_frames_to: int | None) -> int:
+    """Mel frames of a batch of windows with these real frames: Whisper's full window (pad_frames_to=None), or the
+    longest window's rounded up to a multiple of pad_frames_to, never past a full window: the encoder has no
+    positions beyond it (a kernel that does not divide them gets a part group, which the projector pads itself)."""
+    if pad_frames_to is None:
+        return WINDOW_FRAMES
+    return min(math.ceil(max(frames) / pad_frames_to) * pad_frames_to, WINDOW_FRAMES)
 
 
 def log_mel_batch(windows: list[np.ndarray], n_mels: int, pad_frames_to: int | None):
@@ -120,10 +134,7 @@ def log_mel_batch(windows: list[np.ndarray], n_mels: int, pad_frames_to: int | N
         mel = torch.stack([m[:, :WINDOW_FRAMES] for m in mels])
         return mel, torch.full((len(windows),), mel.shape[-1])
     frames = [num_frames(len(window)) for window in windows]
-    # Never past a full window: the encoder has no positions beyond it (a kernel that does not divide them gets a
-    # part group, which the projector pads itself).
-    padded_frames = min(math.ceil(max(frames) / pad_frames_to) * pad_frames_to, WINDOW_FRAMES)
-    mel = torch.zeros(len(windows), n_mels, padded_frames)
+    mel = torch.zeros(len(windows), n_mels, batch_frames(frames, pad_frames_to))
     for i, (window, n) in enumerate(zip(windows, frames)):
         padding = max(0, MIN_STFT_SAMPLES - len(window))  # zeros after a very short window: it still makes its frame
         mel[i, :, :n] = whisper.log_mel_spectrogram(torch.from_numpy(window), n_mels, padding=padding)[:, :n]

@@ -1,10 +1,16 @@
-"""SpecAugment for training: zero random bands of mel bins and of frames in each window's log-mel, so a projector
-trained on a few hours of speech cannot lean on any one band or instant. Off unless --spec_augment is given; it draws
-from torch's global generator, which the Trainer seeds and restores on resume."""
+"""Data variety for training, off unless asked for. SpecAugment zeroes random bands of mel bins and of frames in each
+window's log-mel, so a projector trained on a few hours of speech cannot lean on any one band or instant; it draws
+from torch's global generator, which the Trainer seeds and restores on resume. Speed perturbation plays each clip at
+a speed drawn from (seed, epoch, clip) alone, tempo and pitch together as Kaldi's does: new voices and speaking rates
+from the same recordings, and a resumed run draws what the uninterrupted one drew."""
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import soxr
 import torch
+
+from .audio import SAMPLE_RATE
 
 
 @dataclass
@@ -17,7 +23,13 @@ class AugmentArguments:
         default=0.05, metadata={"help": "a run's most frames, as a share of the window's"}
     )
 
+    speed_perturb: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated speeds, one drawn per training clip and epoch, e.g. 0.9,1.0,1.1"},
+    )
+
     def __post_init__(self):
+        self.speeds = _speeds(self.speed_perturb) if self.speed_perturb else []
         if not (0 <= self.freq_mask_fraction <= 1 and 0 <= self.time_mask_fraction <= 1):
             raise ValueError("--freq_mask_fraction and --time_mask_fraction are shares, between 0 and 1")
         if self.freq_masks < 0 or self.time_masks < 0:
@@ -43,3 +55,42 @@ def _band(positions: torch.Tensor, size: int, most: int) -> torch.Tensor:
     width = int(torch.randint(0, most + 1, ()))
     start = int(torch.randint(0, max(size - width, 0) + 1, ()))
     return (positions >= start) & (positions < start + width)
+
+
+def _speeds(option: str) -> list[float]:
+    try:
+        speeds = [float(speed) for speed in option.split(",")]
+    except ValueError:
+        speeds = []
+    if not speeds or not all(0 < speed < float("inf") for speed in speeds):
+        raise ValueError(f"--speed_perturb takes speeds above 0, comma-separated (e.g. 0.9,1.0,1.1), not {option!r}")
+    return speeds
+
+
+def change_speed(audio: np.ndarray, speed: float) -> np.ndarray:
+    """The clip played speed times as fast: read as if recorded at SAMPLE_RATE * speed, resampled to SAMPLE_RATE."""
+    return soxr.resample(audio, SAMPLE_RATE * speed, SAMPLE_RATE) if speed != 1 else audio
+
+
+class SpeedPerturbation(torch.utils.data.Dataset):
+    """A training dataset's clips, each at a speed drawn from (seed, epoch, index); set_epoch before each epoch."""
+
+    def __init__(self, dataset, speeds: list[float], seed: int):
+        self.dataset, self.speeds, self.seed, self.epoch = dataset, speeds, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    @property
+    def lengths(self) -> list[int]:  # group_by_length sorts by the recorded durations
+        return self.dataset.lengths
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def speed(self, index: int) -> float:
+        return self.speeds[np.random.default_rng([self.seed, self.epoch, index]).integers(len(self.speeds))]
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        return item | {"audio": change_speed(item["audio"], self.speed(index))}

@@ -119,8 +119,11 @@ class SpeechDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, index):
+        return self.item(index, load_example_audio(self.examples[index]))
+
+    def item(self, index: int, audio) -> dict:
+        """Example index with this audio: its samples, or what stands in for them (an EncodedAudio)."""
         example = self.examples[index]
-        audio = load_example_audio(example)
         return {
             "audio": audio,
             "prompt": example.prompt,

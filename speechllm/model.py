@@ -149,7 +149,7 @@ class SpeechLLM(PreTrainedModel):
 
     def embed(self, input_ids, audio_mask, mel, mel_frames, audio_tokens, audio_features=None) -> torch.Tensor:
         """The LLM's input embeddings with each clip's projected audio written over its placeholder positions
-        (audio_features: the encoder's output for mel, when error correction already has it)."""
+        (audio_features: the encoder's output for mel, when error correction or the encoder cache already has it)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         if audio_features is None:
             with torch.no_grad():
@@ -161,9 +161,18 @@ class SpeechLLM(PreTrainedModel):
         return embeds.masked_scatter(audio_mask[..., None], audio[real].to(embeds.dtype))
 
     def forward(
-        self, input_ids, attention_mask, audio_mask, mel, mel_frames, audio_tokens, labels=None, num_items_in_batch=None
+        self,
+        input_ids,
+        attention_mask,
+        audio_mask,
+        mel,
+        mel_frames,
+        audio_tokens,
+        labels=None,
+        num_items_in_batch=None,
+        audio_features=None,
     ):
-        inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens)
+        inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens, audio_features)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)

@@ -6,12 +6,23 @@ text before or after it). The placeholder is expanded to as many positions as th
 model writes the projected audio over exactly those positions.
 """
 
+import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .audio import ENCODER_STRIDE, log_mel_batch, num_audio_tokens, split_windows
+from .audio import (
+    ENCODER_STRIDE,
+    WINDOW_FRAMES,
+    batch_frames,
+    log_mel_batch,
+    num_audio_tokens,
+    num_frames,
+    split_windows,
+    window_lengths,
+)
 from .errors import InputError
 
 AUDIO_PLACEHOLDER = "<speech>"
@@ -21,6 +32,15 @@ ANSWER_SLOT = "\x00answer\x00"  # rendered in place of an answer, to find where 
 # Rendered prompts kept, the most recently used: a model's own prompts stay, while error correction's (one a clip:
 # its n-best written in) are rendered again rather than kept for the whole dataset (memory grew with the data).
 PROMPT_CACHE_SIZE = 256
+
+
+@dataclass
+class EncodedAudio:
+    """A clip as the frozen encoder already saw it (encoder_cache.py): in place of its samples, their count and each
+    window's encoder output over its real frames (frames, encoder_dim)."""
+
+    num_samples: int
+    features: list[torch.Tensor]
 
 
 def check_prompt(prompt: str):
@@ -105,12 +125,19 @@ class Processor:
 
     def __call__(self, audios: list[np.ndarray], prompts: list[str | None], responses: list[str] | None = None):
         """A left-padded batch: input_ids, attention_mask, audio_mask, labels, and per window mel, mel_frames and
-        audio_tokens. An audio of None is a text-only example: its placeholder takes no positions."""
-        windows, audio_tokens, rows = [], [], []
+        audio_tokens. An audio of None is a text-only example: its placeholder takes no positions. A batch of
+        EncodedAudio has audio_features, the encoder's output as it would compute it, in place of mel (None)."""
+        windows, features, window_samples, audio_tokens, rows = [], [], [], [], []
         for i, (audio, prompt) in enumerate(zip(audios, prompts)):
-            clip_windows = split_windows(audio) if audio is not None else []
-            windows += clip_windows
-            clip_tokens = [num_audio_tokens(len(window), self.kernel_size) for window in clip_windows]
+            if isinstance(audio, EncodedAudio):
+                clip_samples = window_lengths(audio.num_samples)
+                features += audio.features
+            else:
+                clip_windows = split_windows(audio) if audio is not None else []
+                clip_samples = [len(window) for window in clip_windows]
+                windows += clip_windows
+            window_samples += clip_samples
+            clip_tokens = [num_audio_tokens(samples, self.kernel_size) for samples in clip_samples]
             audio_tokens += clip_tokens
             before, after = self.prompt_ids(prompt or self.prompt)
             n_audio = sum(clip_tokens)
@@ -123,7 +150,12 @@ class Processor:
             rows.append((ids, is_audio, labels))
 
         length = max(len(ids) for ids, _, _ in rows)
-        if windows:
+        audio_features = None
+        if features:
+            if windows:
+                raise ValueError("a batch is all audio or all EncodedAudio")
+            mel, mel_frames, audio_features = None, *self._padded_features(features, window_samples)
+        elif windows:
             mel, mel_frames = log_mel_batch(windows, self.n_mels, self.pad_frames_to)
         else:  # a batch without audio: no windows, which the encoder and projector pass through
             mel, mel_frames = torch.zeros(0, self.n_mels, ENCODER_STRIDE * self.kernel_size), torch.zeros(0).long()
@@ -137,7 +169,20 @@ class Processor:
         }
         if responses is not None:
             batch["labels"] = torch.tensor([[IGNORE_INDEX] * (length - len(r[2])) + r[2] for r in rows])
+        if audio_features is not None:
+            batch["audio_features"] = audio_features
         return batch
+
+    def _padded_features(self, features: list[torch.Tensor], window_samples: list[int]):
+        """Windows' encoder outputs padded as the encoder pads them, with zeros to the batch's mel frames halved by its
+        stride, and the windows' mel_frames as log_mel_batch gives them."""
+        frames = [num_frames(samples) for samples in window_samples]
+        padded = batch_frames(frames, self.pad_frames_to)
+        mel_frames = torch.tensor(frames) if self.pad_frames_to else torch.full((len(frames),), WINDOW_FRAMES)
+        batch = features[0].new_zeros(len(features), math.ceil(padded / ENCODER_STRIDE), features[0].shape[-1])
+        for i, window in enumerate(features):
+            batch[i, : len(window)] = window
+        return mel_frames, batch
 
     @property
     def pad_frames_to(self) -> int | None:

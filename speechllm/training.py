@@ -11,17 +11,29 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .augment import AugmentArguments, spec_augment
+from .augment import AugmentArguments, SpeedPerturbation, spec_augment
 from .checkpoints import checkpoint_to_resume, save_run_options
 from .data import Collator, SpeechDataset
 from .distill import DistillArguments, Distillation, DistillCollator
+from .encoder_cache import CachedAudioDataset, CachingCollator, EncoderCache
 from .errors import InputError, run_command_line
 from .hub import pretrained_folder
 from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
 from .nbest import DEFAULT_NBEST_PROMPT, check_task_prompt, error_correction_collator
+from .precision import computes_bf16_natively
 from .processor import check_system_prompt
 
 _DEFAULTS = SpeechLLMConfig()
+
+
+class _Auto:
+    """The default of a bool option that the device decides: not a string, which argparse would parse as a bool."""
+
+    def __repr__(self):
+        return "auto"
+
+
+AUTO = _Auto()
 
 
 def _option(help: str, **metadata):
@@ -72,6 +84,13 @@ class DataArguments:
         default=False,
         metadata={"help": "read ALL-CAPS txt in sentence case as Whisper writes (data.sentence_case); files unchanged"},
     )
+    encoder_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "keep the frozen encoder's output for each clip here (encoder_cache.py): epochs after the first "
+            "decode no audio and run no encoder; safe to delete, shared by runs with the same encoder"
+        },
+    )
 
 
 @dataclass
@@ -80,6 +99,38 @@ class ResumeArguments:
         default=False,
         metadata={"help": "start afresh: delete output_dir's checkpoints instead of resuming from the newest one"},
     )
+
+
+@dataclass
+class SpeechTrainingArguments(TrainingArguments):
+    """HF's TrainingArguments with two defaults of this project's: bf16 autocast where the device computes bf16
+    natively, and batches of clips of similar length, so less of each batch is padding."""
+
+    # A bool option (--bf16, --bf16 False) whose default the device decides: AUTO until __post_init__.
+    bf16: bool = field(
+        default=AUTO,
+        metadata={
+            "help": "bf16 mixed precision (autocast); default: on where the device computes bf16 natively (CUDA with "
+            "bf16, a CPU with AVX512-BF16 or AMX) unless --fp16, --deepspeed or ACCELERATE_MIXED_PRECISION decides"
+        },
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={
+            "help": "training batches: 'group_by_length' (default: clips of similar duration together), 'random', "
+            "'sequential' or 'batch_rebalance'",
+            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
+        },
+    )
+
+    def __post_init__(self):
+        auto = self.bf16 is AUTO
+        if auto:  # off through TrainingArguments' checks, which would ask for --use_cpu on a CPU-only machine
+            self.bf16 = False
+        super().__post_init__()
+        decided = self.fp16 or self.deepspeed or "ACCELERATE_MIXED_PRECISION" in os.environ
+        if auto and not decided and computes_bf16_natively(self.device):
+            self.bf16, self.mixed_precision = True, "bf16"
 
 
 def given_options(model_args: ModelArguments) -> tuple[str | None, SpeechLLMConfig | None, dict]:
@@ -140,10 +191,22 @@ class SpeechLLMTrainer(Trainer):
         distill_args: DistillArguments | None = None,
         augment_args: AugmentArguments | None = None,
         run_options: dict | None = None,
+        encoder_cache_dir: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.run_options = run_options  # saved with every checkpoint, so a resume can check it continues this run
+        self.encoder_cache = None
+        if encoder_cache_dir:
+            speechllm = self.accelerator.unwrap_model(self.model)
+            self.encoder_cache = EncoderCache(
+                encoder_cache_dir, speechllm.encoder, speechllm.config.audio_mode, self.args.mixed_precision
+            )
+            if self.train_dataset is not None:
+                self.train_dataset = CachedAudioDataset(self.train_dataset, self.encoder_cache)
+            if self.eval_dataset is not None:
+                self.eval_dataset = CachedAudioDataset(self.eval_dataset, self.encoder_cache)
+            self.data_collator = CachingCollator(self.data_collator)
         self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
         self.augment = augment_args if augment_args and augment_args.spec_augment else None
         # mel, mel_frames and audio_tokens have a row per 30 s window, not per clip: a split of the batch along its
@@ -161,6 +224,9 @@ class SpeechLLMTrainer(Trainer):
             self.model.register_load_state_dict_post_hook(_frozen_weights_optional)
         self._epoch_setter = _SetSamplerEpoch()
         self.add_callback(self._epoch_setter)
+        if augment_args and augment_args.speeds and self.train_dataset is not None:  # training clips only
+            self.train_dataset = SpeedPerturbation(self.train_dataset, augment_args.speeds, self._data_seed)
+            self._epoch_setter.speed_perturbation = self.train_dataset
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
@@ -180,11 +246,21 @@ class SpeechLLMTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "cache_keys" in inputs:  # a batch the encoder cache lacks: encoded here, as the model would, and kept
+            inputs = self._encode_and_cache(model, inputs)
         if self.augment is not None and model.training:  # training batches only, never evaluation
             inputs = inputs | {"mel": spec_augment(inputs["mel"], inputs["mel_frames"], self.augment)}
         if self.distillation is not None:  # in place of the model, so the Trainer scales the combined loss as its own
             model = functools.partial(self.distillation, model, self.accelerator.unwrap_model(model))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _encode_and_cache(self, model, inputs: dict) -> dict:
+        inputs = dict(inputs)
+        keys, clip_samples = inputs.pop("cache_keys"), inputs.pop("clip_samples")
+        with torch.no_grad(), self.accelerator.autocast():  # the precision the model's forward runs the encoder in
+            features = self.accelerator.unwrap_model(model).encoder(inputs["mel"], inputs["mel_frames"])
+        self.encoder_cache.save_batch(keys, clip_samples, features, inputs["mel_frames"])
+        return inputs | {"mel": None, "audio_features": features}
 
     def log(self, logs, *args, **kwargs):
         if self.distillation is not None and "loss" in logs:
@@ -238,13 +314,16 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
 
 class _SetSamplerEpoch(TrainerCallback):
     """Tells the sampler which epoch begins: accelerate's set_epoch reaches it through a process shard or through the
-    batches a resumed epoch skips, but not through both (torchrun, resumed mid-epoch)."""
+    batches a resumed epoch skips, but not through both (torchrun, resumed mid-epoch). And the speed perturbation,
+    which nothing else tells (before the epoch's data loader starts its workers, which copy it)."""
 
     sampler = None
+    speed_perturbation = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.sampler is not None:
-            self.sampler.set_epoch(int(state.epoch or 0))  # a resumed run starts inside the epoch it stopped in
+        for target in (self.sampler, self.speed_perturbation):
+            if target is not None:
+                target.set_epoch(int(state.epoch or 0))  # a resumed run starts inside the epoch it stopped in
 
 
 def _frozen_weights_optional(model, incompatible_keys):
@@ -265,7 +344,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     _init_cpu_distributed(argv)
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, ResumeArguments, DistillArguments, AugmentArguments, TrainingArguments)
+        (ModelArguments, DataArguments, ResumeArguments, DistillArguments, AugmentArguments, SpeechTrainingArguments)
     )
     try:
         parsed = parser.parse_args_into_dataclasses(argv)
@@ -275,6 +354,13 @@ def main(argv: list[str] | None = None):
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
     if training_args.eval_strategy != "no" and not data_args.eval_data_path:
         raise InputError("--eval_strategy needs --eval_data_path")
+    if data_args.encoder_cache_dir and (augment_args.spec_augment or augment_args.speeds):
+        raise InputError(
+            "--encoder_cache_dir keeps the encoder's output on the clean audio: --spec_augment and --speed_perturb "
+            "change it every epoch"
+        )
+    if data_args.encoder_cache_dir and training_args.deepspeed:
+        raise InputError("--encoder_cache_dir runs the encoder outside the model's forward, which --deepspeed shards")
 
     # Every line is checked before the models load, and the resume point found: an interrupted run picks up from
     # its newest complete checkpoint.
@@ -286,6 +372,8 @@ def main(argv: list[str] | None = None):
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from error
     check_model_options(config, distill_args)
+    if config.nbest and data_args.encoder_cache_dir:
+        raise InputError("--encoder_cache_dir does not combine with --nbest: error correction encodes its own batches")
     train_data = dataset(data_args.data_path)
     eval_data = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     if training_args.train_sampling_strategy == "group_by_length":
@@ -316,6 +404,7 @@ def main(argv: list[str] | None = None):
         distill_args=distill_args,
         augment_args=augment_args,
         run_options=run_options,
+        encoder_cache_dir=data_args.encoder_cache_dir,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)

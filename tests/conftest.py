@@ -41,3 +41,13 @@ def make_model(tiny):
         )
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fp32_training():
+    """Training in tests is fp32 on every machine unless a test asks for bf16: train.py's default autocasts to bf16
+    where the CPU computes it natively, which would make figures depend on the machine that runs them. Session-wide,
+    so that module fixtures which train are pinned too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+        yield

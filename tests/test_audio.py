@@ -16,6 +16,7 @@ from speechllm.audio import (
     log_mel_batch,
     num_audio_tokens,
     split_windows,
+    window_lengths,
 )
 
 
@@ -94,6 +95,13 @@ def test_long_audio_is_split_not_truncated():
     assert num_audio_tokens(len(audio), 5) == 2 * num_audio_tokens(WINDOW_SAMPLES, 5) + num_audio_tokens(
         WINDOW_SAMPLES // 2, 5
     )
+
+
+@pytest.mark.parametrize(
+    "samples", [0, 1, WINDOW_SAMPLES - 1, WINDOW_SAMPLES, WINDOW_SAMPLES + 1, 2 * WINDOW_SAMPLES + 7]
+)
+def test_window_lengths_are_the_split_windows_lengths(samples):
+    assert window_lengths(samples) == [len(w) for w in split_windows(np.zeros(samples, np.float32))]
 
 
 @pytest.mark.parametrize("kernel_size", [1, 4, 5, 8])

@@ -1,8 +1,11 @@
 """SpecAugment (--spec_augment): masks inside each window's real frames, reproducible from the seed, training batches
-only."""
+only. Speed perturbation (--speed_perturb): a speed per clip and epoch from the seed, training clips only, resumable."""
 
+import numpy as np
+import pytest
 import torch
 from test_training import (
+    StopAt,
     assert_same,
     data,  # noqa: F401 (the fixture)
     train,
@@ -10,7 +13,11 @@ from test_training import (
     weights,
 )
 
-from speechllm.augment import AugmentArguments, spec_augment
+from speechllm import training
+from speechllm.audio import SAMPLE_RATE
+from speechllm.augment import AugmentArguments, SpeedPerturbation, spec_augment
+from speechllm.data import SpeechDataset
+from speechllm.errors import InputError
 
 
 def test_masks_are_bands_within_the_real_frames():
@@ -46,3 +53,47 @@ def test_augments_training_batches_and_never_evaluation(tiny, data, tmp_path):  
     # Off (the default) trains exactly as before the option existed: no random draws, identical steps.
     again = train(train_args(tiny, data, tmp_path / "again", *common))
     assert_same(weights(again.args.output_dir), other)
+
+
+def test_each_clip_gets_a_speed_drawn_from_seed_epoch_and_clip(data):  # noqa: F811
+    dataset, speeds = SpeechDataset(data), [0.9, 1.1]
+    seconds = [len(dataset[i]["audio"]) / SAMPLE_RATE for i in range(len(dataset))]
+
+    def epoch(number, seed=0):
+        perturbed = SpeedPerturbation(dataset, speeds, seed)
+        perturbed.set_epoch(number)
+        return [perturbed[i]["audio"] for i in range(len(dataset))]
+
+    first = epoch(0)
+    drawn = [seconds[i] * SAMPLE_RATE / len(audio) for i, audio in enumerate(first)]  # the speed each clip played at
+    assert {round(speed, 3) for speed in drawn} == set(speeds)
+    assert all(np.array_equal(a, b) for a, b in zip(epoch(0), first))  # the same seed and epoch: the same clips
+    assert [len(a) for a in epoch(1)] != [len(a) for a in first]  # another epoch draws anew
+    assert [len(a) for a in epoch(0, seed=1)] != [len(a) for a in first]
+
+
+def test_speed_perturbation_changes_training_only_and_resumes_exactly(tiny, data, tmp_path):  # noqa: F811
+    common = ["--max_steps", "6", "--save_steps", "3", "--eval_data_path", data]
+    plain = train(train_args(tiny, data, tmp_path / "plain", *common))
+    at_one = train(train_args(tiny, data, tmp_path / "one", *common, "--speed_perturb", "1.0"))
+    assert_same(weights(tmp_path / "one"), weights(tmp_path / "plain"))  # speed 1: the very batches of no option
+
+    perturbed = ["--speed_perturb", "0.9,1.0,1.1"]
+    straight = train(train_args(tiny, data, tmp_path / "straight", *common, *perturbed))
+    final = weights(tmp_path / "straight")
+    assert any(not torch.equal(final[k], weights(tmp_path / "plain")[k]) for k in final), "no clip changed speed"
+    args = train_args(tiny, data, tmp_path / "resumed", *common, *perturbed)
+    assert straight.train_dataset.epoch == 1  # steps 5 and 6 are epoch 1's (8 clips, batch 2): drawn anew
+    train(args, [StopAt(3)])  # resumed inside epoch 0, then on into epoch 1
+    train(args)
+    assert_same(weights(tmp_path / "resumed"), final)
+
+    assert not isinstance(straight.eval_dataset, SpeedPerturbation)  # evaluation hears the clips as recorded
+    straight.model.load_state_dict(plain.model.state_dict())
+    assert straight.evaluate()["eval_loss"] == plain.evaluate()["eval_loss"] == at_one.evaluate()["eval_loss"]
+
+
+@pytest.mark.parametrize("speeds", ["0,1", "fast", "1.1,", "-0.9"])
+def test_bad_speeds_are_a_one_line_error(tiny, data, tmp_path, speeds):  # noqa: F811
+    with pytest.raises(InputError, match="--speed_perturb takes speeds above 0"):
+        training.main(train_args(tiny, data, tmp_path, "--speed_perturb", speeds))

@@ -90,3 +90,17 @@ def test_floors_count_the_flops_torch_counts(make_model):
     quantized = sum(m.linear.weight.numel() for m in model.llm.modules() if isinstance(m, Int8StepLinear))
     assert (int8.linear_params, int8.output_params) == (costs.linear_params, costs.output_params)
     assert quantized and int8.weight_bytes == costs.weight_bytes - 3 * quantized
+
+
+def test_training_bench_with_the_encoder_cache_times_the_epochs_after_the_first(make_model, tiny, tmp_path):
+    make_model().save_pretrained(tmp_path / "model")
+    bench = load_script("bench/speed.py")
+    options = ["--quick", "--threads", "1", "--audio_modes", "", "--train_encoder_cache"]
+    options += ["--train_sampling_strategy", "random"]
+    result = bench.main([tiny["jsonl"], "--model", str(tmp_path / "model"), *options])
+    assert result["recognition"] == []
+    train = result["training"]
+    epoch = -(-bench.QUICK["limit"] // bench.QUICK["train_batch_size"])
+    assert train["encoder_cache"] and train["steps_timed"] == bench.QUICK["train_steps"] - epoch
+    assert train["sampling"] == "random" and train["bf16"] is False  # tests pin fp32 (conftest)
+    assert is_positive(train["utterances_per_second"])

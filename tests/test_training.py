@@ -769,3 +769,28 @@ def test_zero3_distillation_with_lora_takes_the_one_process_steps(tiny, distill_
     assert set(final) == set(one.model.trained_parameters())
     assert any(final[k].abs().max() > 0 for k in final if "lora_B" in k), "LoRA's B never left zero"
     assert_same(rank_weights[0], weights(one.args.output_dir), atol=1e-4)
+
+
+class OutputDtypes(TrainerCallback):
+    """The dtype of the LLM's output layer's results during training: bf16 under autocast, fp32 without."""
+
+    def __init__(self):
+        self.dtypes = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.llm.get_output_embeddings().register_forward_hook(lambda m, i, out: self.dtypes.add(out.dtype))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_training_autocasts_to_bf16_where_the_cpu_computes_it(tiny, data, tmp_path, monkeypatch, native):
+    monkeypatch.setattr(training, "computes_bf16_natively", lambda device: native)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # tests pin fp32 (conftest): here the default decides
+    dtypes = OutputDtypes()
+    train(train_args(tiny, data, tmp_path, "--max_steps", "1", "--save_strategy", "no"), [dtypes])
+    assert dtypes.dtypes == {torch.bfloat16 if native else torch.float32}
+
+
+def test_length_grouped_batches_are_the_training_default(tmp_path):
+    parser = training.HfArgumentParser(training.SpeechTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu"])
+    assert args.train_sampling_strategy == "group_by_length"
