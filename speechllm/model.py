@@ -9,6 +9,7 @@ import warnings
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import GENERATION_CONFIG_NAME
@@ -97,7 +98,7 @@ def load_llm(name_or_path: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **gguf)
         llm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **gguf)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a torn or foreign weights file
         raise InputError(f"cannot load the LLM {name_or_path!r}: {error}") from error
     if tokenizer.chat_template is None:
         raise InputError(f"the LLM {name_or_path!r} has no chat template: use a chat (instruct) model")

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -214,3 +216,12 @@ def test_stop_tokens_leave_out_a_missing_eos():
     assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=[5, im_end])) == [5, im_end, im_start]
     with pytest.raises(ValueError, match="no end-of-turn"):  # a turn's opening is no end for the labels
         stop_token_ids(tokenizer, GenerationConfig(eos_token_id=None))
+
+
+def test_a_torn_llm_weights_file_is_one_line(tiny, tmp_path):
+    torn = tmp_path / "llm"
+    shutil.copytree(tiny["qwen2"], torn)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(InputError, match=f"cannot load the LLM '{torn}'"):
+        load_llm(str(torn), torch.float32)
