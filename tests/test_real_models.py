@@ -19,12 +19,17 @@ from speechllm.quantization import quantize_llm_int8
 
 SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: these tests run in CI
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The demo runs the recognition model choosing among Whisper's 5-best (docs/results.md): this guards the pipeline
-# and its figure, measured 10.81% = 4 word errors of 37 (the issue's goal, 10%, is one word fewer; the GER model
-# choosing: 8.11%; the recognition model writing: 37.84%), and must come down as the models are trained further.
-SHIPPED_DEMO_MAX_WER = 0.15
-# Greedy on LJ001-0080 alone.
-SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER = 0.5
+# The demo runs the recognition model choosing among Whisper's 5-best (docs/results.md): measured in eval mode,
+# 4 word errors of 37 (10.81%; the issue's goal, 10%, is one word fewer). These guards are the measured figures
+# themselves, so a change that costs one word fails; they must come down as the models are trained further.
+SHIPPED_DEMO_MAX_ERRORS = 4
+# Greedy on LJ001-0080 alone, at most 30 tokens: measured 6 errors of 17 (S=3 I=3).
+SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS = 6
+
+
+def word_errors(references, hypotheses) -> int:
+    scores = error_rate(references, hypotheses)
+    return scores["substitutions"] + scores["deletions"] + scores["insertions"]
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +94,11 @@ def test_the_shipped_model_loads_offline_in_one_line(offline):
     )
     assert model.config.model_dtype == "float32" and model.llm.dtype == torch.float32
     (example,) = [e for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl")) if e.key == "LJ001-0080"]
+    assert not any(module.training for module in model.modules())  # LoRA's dropout off: the same answer each time
     text = model.transcribe(example.wav, max_new_tokens=30)
+    assert model.transcribe(example.wav, max_new_tokens=30) == text
     # The shipped projector is weak (docs/results.md) but reads this clip: most reference words come back.
-    assert error_rate([example.txt], [text])["wer"] < SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER, text
+    assert word_errors([example.txt], [text]) <= SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS, text
 
 
 def test_the_offline_demo_transcribes_the_example_speech(tmp_path, monkeypatch, capsys, offline):
@@ -103,6 +110,9 @@ def test_the_offline_demo_transcribes_the_example_speech(tmp_path, monkeypatch, 
     rows = [line.split("\t") for line in (tmp_path / "hypotheses.txt").read_text().splitlines()]
     assert [row[0] for row in rows] == [e.key for e in read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))]
     assert all(len(row) == 2 and len(row[1].split()) >= 3 for row in rows), rows  # no empty or cut answers
-    wer = float((tmp_path / "hypotheses.txt.wer").read_text().split()[1].rstrip("%")) / 100
-    assert wer < SHIPPED_DEMO_MAX_WER
     assert "WER" in capsys.readouterr().out
+    # recognize.py answers as the model does in eval mode (LoRA's dropout was on in loaded models: issue 21)
+    examples = read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))
+    model = SpeechLLM.from_pretrained(demo.PROJECTOR).eval()
+    assert [row[1] for row in rows] == [" ".join(t.split()) for t in model.transcribe([e.wav for e in examples])]
+    assert word_errors([e.txt for e in examples], [row[1] for row in rows]) <= SHIPPED_DEMO_MAX_ERRORS, rows
