@@ -11,11 +11,11 @@ from transformers import DynamicCache
 
 from .audio import SAMPLE_RATE
 from .errors import InputError
-from .hypothesis import LOOP_GUARDS, Hypothesis, token_budget
+from .hypothesis import Hypothesis, loop_guards, token_budget
 from .inputs import as_clips
 from .llama_engine import engine_decoder
 from .logprobs import token_logprobs
-from .nbest import error_correction_batch
+from .nbest import prompt_batch
 from .rescoring import rescore_batch
 
 
@@ -97,12 +97,8 @@ def chosen_hypotheses(model, audios, prompts, nbest) -> list[Hypothesis]:
 def written_hypotheses(model, audios, prompts, nbest, num_beams, max_new_tokens, with_logprobs, **options):
     """Each clip's transcript (or answer) as the LLM generates it, cut at its first stop token."""
     max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
-    options = {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
-    if model.config.nbest:
-        batch = error_correction_batch(model, audios, prompts, nbest)
-    else:
-        batch = model.processor(audios, prompts)
-    batch = {name: tensor.to(model.llm.device) for name, tensor in batch.items()}
+    options = loop_guards(model, options)
+    batch = {name: tensor.to(model.llm.device) for name, tensor in prompt_batch(model, audios, prompts, nbest).items()}
     scores = {"return_dict_in_generate": True, "output_scores": True} if with_logprobs else {}
     output = model.generate(
         **batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options, **scores

@@ -20,6 +20,11 @@ class Hypothesis:
     decoding_seconds: float = 0.0  # the clip's share of its batch's wall time: features, encoder, generation
 
 
+def loop_guards(model, options: dict) -> dict:
+    """The loop guards a decoding call uses: the model's generation_config's, overridden by the call's options."""
+    return {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
+
+
 def token_budget(model, audios, prompts) -> int:
     """max_new_tokens when none is given: room for the longest clip's words with the model's own prompt, at least
     answer_max_new_tokens with any other (a summary, a reply to a spoken question is not as long as the audio)."""

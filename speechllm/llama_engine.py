@@ -22,8 +22,8 @@ import torch
 
 from .errors import InputError
 from .gguf_export import WEIGHT_TYPES, llm_gguf
-from .hypothesis import LOOP_GUARDS, Hypothesis, token_budget
-from .nbest import error_correction_batch
+from .hypothesis import LOOP_GUARDS, Hypothesis, loop_guards, token_budget
+from .nbest import prompt_batch
 
 ENGINES = ("torch", "llama.cpp")
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.16"  # 0.3.36 segfaults inside llama_decode on AVX-512/AMX machines
@@ -216,11 +216,8 @@ class LlamaCppDecoder:
         started = time.perf_counter()
         prompts = prompts or [None] * len(audios)
         max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
-        guards = {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
-        if model.config.nbest:
-            batch = error_correction_batch(model, audios, prompts, nbest)
-        else:
-            batch = model.processor(audios, prompts)
+        guards = loop_guards(model, options)
+        batch = prompt_batch(model, audios, prompts, nbest)
         device = model.llm.device
         with torch.no_grad():
             embeds = model.embed(**{k: v.to(device) for k, v in batch.items() if k != "attention_mask"})

@@ -205,6 +205,14 @@ def decode_nbest(encoder, decoder: WhisperDecoder, beam_size: int, audios: list[
     return clip_nbest(decoder, beam_size, features, counts), features
 
 
+def prompt_batch(model, audios, prompts, nbest=None) -> dict:
+    """The processor's batch for these clips; an error-correction model's prompts with Whisper's n-best written in
+    (nbest: cached hypotheses, a list or None a clip)."""
+    if model.config.nbest:
+        return error_correction_batch(model, audios, prompts, nbest)
+    return model.processor(audios, prompts)
+
+
 def error_correction_batch(model, audios, prompts, nbest=None) -> dict:
     """The Processor's batch for a GER model, with the n-best decoded where not given. In window mode the decoder's
     features go on to the projector (batch["audio_features"]), so each clip is encoded once, cached n-best or not."""
