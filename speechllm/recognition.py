@@ -21,8 +21,9 @@ from .gguf_export import WEIGHT_TYPES
 from .hub import SAVED_FILES, pretrained_folder
 from .inputs import input_seconds, load_input_audio, read_inputs
 from .llama_engine import ENGINES, engine_decoder, import_llama_cpp
+from .llm import MODEL_DTYPES
 from .metrics import error_rate, format_error_rate
-from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
+from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import check_task_prompt
 from .quantization import quantize_llm_int8
 from .rescoring import GER_DECODINGS

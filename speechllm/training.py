@@ -18,7 +18,8 @@ from .distill import DistillArguments, Distillation, DistillCollator
 from .encoder_cache import CachedAudioDataset, CachingCollator, EncoderCache
 from .errors import InputError, run_command_line
 from .hub import pretrained_folder
-from .model import MODEL_DTYPES, SpeechLLM, SpeechLLMConfig
+from .llm import MODEL_DTYPES
+from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import DEFAULT_NBEST_PROMPT, check_task_prompt, error_correction_collator
 from .precision import computes_bf16_natively
 from .processor import check_system_prompt

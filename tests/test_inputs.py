@@ -8,7 +8,7 @@ import torch
 from speechllm import Hypothesis, SpeechLLM, SpeechLLMConfig
 from speechllm.audio import SAMPLE_RATE, load_audio
 from speechllm.inputs import as_clips
-from speechllm.model import torch_dtype
+from speechllm.llm import torch_dtype
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from speechllm.data import Collator, SpeechDataset
 from speechllm.decoding import stop_token_ids
 from speechllm.encoder import load_whisper_encoder
 from speechllm.errors import InputError
-from speechllm.model import load_llm
+from speechllm.llm import load_llm
 
 
 def tones(dataset):

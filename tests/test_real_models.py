@@ -11,8 +11,8 @@ from repo_scripts import load_script
 from speechllm import SpeechLLM
 from speechllm.data import read_jsonl
 from speechllm.decoding import stop_token_ids
+from speechllm.llm import load_llm
 from speechllm.metrics import error_rate
-from speechllm.model import load_llm
 from speechllm.packaged_models import SMOLLM2_GGUF as SMOLLM2_NAME
 from speechllm.packaged_models import WHISPER_TINY_EN, resolve, smollm2_gguf, whisper_tiny_en
 from speechllm.quantization import quantize_llm_int8

@@ -6,8 +6,8 @@ from repo_scripts import load_script
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import load_example_audio, read_jsonl
+from speechllm.llm import load_llm
 from speechllm.metrics import rouge_l
-from speechllm.model import load_llm
 
 
 def test_rouge_l_is_the_stemmed_longest_common_subsequence_f_measure():

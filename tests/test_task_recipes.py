@@ -11,7 +11,7 @@ from repo_scripts import load_script
 
 from speechllm import AUDIO_PLACEHOLDER
 from speechllm.data import SpeechDataset, read_jsonl
-from speechllm.model import load_llm
+from speechllm.llm import load_llm
 from speechllm.packaged_models import whisper_tiny_en
 from speechllm.results import PartialResults
 
