@@ -71,7 +71,8 @@ def llm_gguf(model, weights: str = "gguf", cache_dir: str | None = None) -> tupl
         if not os.path.isfile(path):
             write_atomically(path, lambda file: write_lora_adapter(llm, lora, file))
         return source, path
-    key = content_hash(weights, source_identity(model, source), lora_state(llm))
+    # Merged forms may be written from the torch weights: the dtype they were loaded in is part of what was written.
+    key = content_hash(weights, {**source_identity(model, source), "dtype": str(llm.dtype)}, lora_state(llm))
     path = os.path.join(cache_dir, f"llm-{weights}-{key}.gguf")
     if not os.path.isfile(path):
         write_atomically(path, lambda file: write_merged(model, source, weights, file))

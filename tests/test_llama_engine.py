@@ -232,3 +232,15 @@ def test_transcribe_takes_the_engine(make_model):
     assert model.transcribe(clips(), max_new_tokens=STEPS, engine="llama.cpp") == expected
     with pytest.raises(InputError, match="engine must be one of"):
         model.transcribe(clips(), engine="vllm")
+
+
+def test_a_gguf_written_from_other_dtype_weights_is_not_reused(make_model, gguf_cache):
+    # An HF LLM's merged GGUF is written from its torch weights: bf16-loaded ones round what an f32 run would read.
+    model = with_lora(make_model, "llama")
+    f32_file, _ = llm_gguf(model, "f32")
+    with torch.no_grad():  # the frozen weights in bf16, the LoRA weights (also part of the key) as they were
+        for name, parameter in model.llm.named_parameters():
+            if "lora_" not in name:
+                parameter.data = parameter.data.to(torch.bfloat16)
+    bf16_file, _ = llm_gguf(model, "f32")
+    assert bf16_file != f32_file and len(list(gguf_cache.glob("*.gguf"))) == 2
