@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None):
         for data in [d for d in (train_data, eval_data) if d is not None]:
             data.lengths  # the audio headers, read now: one that cannot be read fails before the models load
     run_options = {**asdict(model_args), **asdict(data_args), **asdict(distill_args)}
+    run_options.pop("encoder_cache_dir")  # where the encoder's outputs are kept changes no result
     for name in ("data_path", "eval_data_path"):  # the files, wherever the run is started from
         run_options[name] = run_options[name] and os.path.abspath(run_options[name])
     resume = checkpoint_to_resume(

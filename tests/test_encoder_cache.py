@@ -140,3 +140,19 @@ def test_training_with_the_cache_takes_the_same_steps(tiny, data, tmp_path, monk
 def test_the_cache_and_spec_augment_are_one_line_error(tiny, data, tmp_path):  # noqa: F811
     with pytest.raises(InputError, match="--spec_augment"):
         training.main(train_args(tiny, data, tmp_path, "--encoder_cache_dir", str(tmp_path / "c"), "--spec_augment"))
+
+
+def test_a_run_resumes_with_the_cache_moved(tiny, data, tmp_path):  # noqa: F811
+    # Where the encoder's outputs are kept changes no result: it is not one of the options a resume must match.
+    options = ["--train_sampling_strategy", "sequential", "--save_steps", "1"]
+    train(
+        train_args(
+            tiny, data, tmp_path / "run", *options, "--max_steps", "1", "--encoder_cache_dir", str(tmp_path / "a")
+        )
+    )
+    resumed = train(
+        train_args(
+            tiny, data, tmp_path / "run", *options, "--max_steps", "2", "--encoder_cache_dir", str(tmp_path / "b")
+        )
+    )
+    assert resumed.state.global_step == 2 and (tmp_path / "run" / "checkpoint-1").is_dir()
