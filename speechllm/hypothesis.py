@@ -9,6 +9,7 @@ from .audio import SAMPLE_RATE
 # Decoding defaults a model keeps in its generation_config (HF's place for them), over the generated tokens only.
 LOOP_GUARDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 TOKENS_PER_SECOND = 8  # room for fast speech (about 4 words, 6 tokens a second) when no max_new_tokens is given
+TOKEN_BUDGET_MARGIN = 16  # and for a clip's last words and the end of turn, however short the clip
 
 
 @dataclass
@@ -29,7 +30,7 @@ def token_budget(model, audios, prompts) -> int:
     """max_new_tokens when none is given: room for the longest clip's words with the model's own prompt, at least
     answer_max_new_tokens with any other (a summary, a reply to a spoken question is not as long as the audio)."""
     longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
-    budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + 16
+    budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + TOKEN_BUDGET_MARGIN
     if any(prompt not in (None, model.config.prompt) for prompt in prompts):
         budget = max(budget, model.config.answer_max_new_tokens)
     return budget
