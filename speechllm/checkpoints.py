@@ -14,6 +14,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .errors import InputError
+from .files import write_atomically
 from .hub import WEIGHTS_NAME
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -22,10 +23,12 @@ RUN_OPTIONS_NAME = "run_options.json"  # the model, data and distillation option
 
 def save_run_options(folder: str, options: dict):
     """Written with a checkpoint's weights (before trainer_state.json, which marks it complete), whole or not at all."""
-    path = os.path.join(folder, RUN_OPTIONS_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        json.dump(options, file, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_atomically(os.path.join(folder, RUN_OPTIONS_NAME), lambda path: _write_json(path, options))
+
+
+def _write_json(path: str, value: dict):
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2, sort_keys=True)
 
 
 def check_run_options(checkpoint: str, options: dict, way_on: str):

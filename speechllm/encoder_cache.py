@@ -20,6 +20,7 @@ import torch
 
 from .audio import ENCODER_STRIDE, window_lengths
 from .data import SpeechDataset, load_example_audio
+from .files import write_atomically
 from .processor import EncodedAudio
 
 FORMAT_VERSION = 1  # of the entries: bumped when what they hold changes, so old folders are not read
@@ -39,7 +40,7 @@ class EncoderCache:
         os.makedirs(self.folder, exist_ok=True)
         described = os.path.join(self.folder, "identity.json")
         if not os.path.isfile(described):  # for whoever looks in the folder
-            _write_atomically(described, lambda path: _write_json(path, identity))
+            write_atomically(described, lambda path: _write_json(path, identity))
 
     def key(self, wav: str) -> str:
         status = os.stat(wav)
@@ -63,7 +64,7 @@ class EncoderCache:
             return
         tensors = {str(i): window.detach().cpu().contiguous() for i, window in enumerate(features)}
         metadata = {SAMPLES_KEY: str(num_samples)}
-        _write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata))
+        write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata))
 
     def save_batch(self, keys: list[str], clip_samples: list[int], features: torch.Tensor, mel_frames: torch.Tensor):
         """A batch's encoder output (windows, frames, dim), clip by clip: each window's real frames, the rest is the
@@ -88,12 +89,6 @@ def weights_digest(module: torch.nn.Module) -> str:
 def _write_json(path: str, value):
     with open(path, "w") as file:
         json.dump(value, file, indent=1)
-
-
-def _write_atomically(path: str, write):
-    temporary = f"{path}.{os.getpid()}.tmp"
-    write(temporary)
-    os.replace(temporary, path)
 
 
 class CachedAudioDataset(torch.utils.data.Dataset):

@@ -18,7 +18,6 @@ transformers un-permutes them when it loads a GGUF file, so they are permuted ba
 import hashlib
 import json
 import os
-import tempfile
 
 import gguf
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .errors import InputError
+from .files import write_atomically
 from .lora import is_lora_parameter
 from .packaged_models import resolve as resolve_packaged
 
@@ -106,21 +106,6 @@ def content_hash(weights: str, identity: dict, lora: dict[str, torch.Tensor]) ->
         digest.update(name.encode())
         digest.update(lora[name].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def write_atomically(path: str, write):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
-    os.close(handle)
-    try:
-        write(partial)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # as open() would have made it, not mkstemp's owner-only
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 # --- tensors -----------------------------------------------------------------------------------------------------
