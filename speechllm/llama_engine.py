@@ -75,7 +75,7 @@ def engine_decoder(model, engine: str = "torch", weights: str | None = None, thr
     files = llm_gguf(model, weights)
     decoder = getattr(model, "_llama_cpp_decoder", None)
     if decoder is None or (decoder.files, decoder.threads) != (files, threads):
-        decoder = LlamaCppDecoder(model, weights, threads)
+        decoder = LlamaCppDecoder(model, weights, threads, files)
         model._llama_cpp_decoder = decoder
     return decoder
 
@@ -108,13 +108,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class LlamaCppDecoder:
     """SpeechLLM.decode_batch with the LLM in llama.cpp (greedy)."""
 
-    def __init__(self, model, weights: str | None = None, threads: int | None = None):
+    def __init__(self, model, weights: str | None = None, threads: int | None = None, files=None):
+        """files: llm_gguf(model, weights) where the caller has it already (it hashes the LoRA weights)."""
         self.llama_cpp = import_llama_cpp()
         weights = weights or default_weights(model)
         if weights not in WEIGHT_TYPES:
             raise InputError(f"gguf weights must be one of {', '.join(WEIGHT_TYPES)}, not {weights!r}")
         self.model, self.threads = model, threads or torch.get_num_threads()
-        self.weights, self.files = weights, llm_gguf(model, weights)
+        self.weights, self.files = weights, files or llm_gguf(model, weights)
         # f32 weights compute what the torch path computes, so their keys and values stay f32 too: llama.cpp's
         # default f16 cache moves logits by about 1e-3, enough to flip a near tie between two tokens
         self.f32_cache = weights == "f32"
