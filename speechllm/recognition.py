@@ -258,10 +258,22 @@ def parse(argv: list[str]) -> tuple[RecognizeArguments, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    """Transcribe the inputs argv names; the score where they have references (None on the other processes)."""
     args, inputs = parse(sys.argv[1:] if argv is None else argv)
     with user_errors(InputError):
         args.check()
     state = process_state()
+    try:
+        return transcribe_inputs(args, inputs, state)
+    finally:
+        # torchrun's processes end their process group here, its threads joined, rather than leave it to the
+        # interpreter's exit, which can tear the running threads down and abort (SIGABRT, "terminate called without
+        # an active exception") a process whose work is done. No process waits for another: the results were
+        # gathered, and nothing the main process does next involves the others.
+        state.destroy_process_group()
+
+
+def transcribe_inputs(args: RecognizeArguments, inputs: list[str], state: PartialState) -> dict | None:
     with user_errors(InputError):
         args.check_engine()
     with user_errors(DataError, OSError):
