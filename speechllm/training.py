@@ -415,4 +415,10 @@ def main(argv: list[str] | None = None):
 
 def command_line():
     """train.py and speechllm-train: errors in the user's input end with one line on stderr, no traceback."""
-    run_command_line(main)
+    try:
+        run_command_line(main)
+    finally:  # torchrun's processes end their process group, its threads joined, before the interpreter's exit
+        # tears them down (which can abort a process whose work is done: recognition.main). Not in main: its
+        # caller may go on with the trainer it returns, whose saves under ZeRO-3 involve every process.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -794,3 +794,25 @@ def test_length_grouped_batches_are_the_training_default(tmp_path):
     parser = training.HfArgumentParser(training.SpeechTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu"])
     assert args.train_sampling_strategy == "group_by_length"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_py_ends_its_process_group_whether_or_not_it_fails(monkeypatch, fails):
+    # Under torchrun a process group left to the interpreter's exit can abort a process whose work is done (gloo's
+    # threads torn down: SIGABRT); train.py ends it itself, also when the run stops on an error.
+    ended = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: not ended)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda group=None: ended.append(group))
+
+    def main(argv):
+        if fails:
+            raise InputError("--data_path missing.jsonl: no such file")
+
+    monkeypatch.setattr(training, "main", main)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    if fails:
+        with pytest.raises(SystemExit):
+            training.command_line()
+    else:
+        training.command_line()
+    assert ended == [None]
