@@ -4,6 +4,7 @@ Hub repositories are fetched with huggingface_hub, so its cache and its switches
 model already in the cache loads without a network.
 """
 
+import hashlib
 import json
 import os
 
@@ -14,6 +15,8 @@ from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 WEIGHTS_NAME = "model.safetensors"
 SAVED_FILES = [CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME]  # all that save_pretrained writes
+# save_pretrained's files whose sha256 the config records (it is written after them): a config is read only with them.
+DIGESTED_FILES = [WEIGHTS_NAME, GENERATION_CONFIG_NAME]
 HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
 AUTO_CLASS_OPTIONS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "proxies")  # AutoModel passes; unused here
 PUSH_OPTIONS = ("repo_id", "commit_message", "private", "token", "create_pr", "revision")
@@ -33,12 +36,27 @@ def pretrained_folder(path, options: dict) -> tuple[str, dict]:
     return folder, options
 
 
+def file_sha256(folder: str) -> dict[str, str]:
+    """The sha256 of each of DIGESTED_FILES that folder holds."""
+    digests = {}
+    for name in DIGESTED_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            digest = hashlib.sha256()
+            with open(path, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
+            digests[name] = digest.hexdigest()
+    return digests
+
+
 def check_saved_model(folder: str):
     """The folder holds what save_pretrained writes: a SpeechLLM config and a whole weights file (its header read,
-    not its tensors)."""
+    not its tensors), the ones the config was saved with."""
     try:
         with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as file:
-            model_type = json.load(file).get("model_type")
+            config = json.load(file)
+        model_type = config.get("model_type")
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}: not a saved SpeechLLM") from None
     except (ValueError, AttributeError):
@@ -56,6 +74,14 @@ def check_saved_model(folder: str):
             pass
     except SafetensorError as error:
         raise ValueError(f"{weights}: not a whole safetensors file ({error}): was its save interrupted?") from None
+    recorded = config.get("file_sha256")  # None: saved before configs recorded them
+    found = file_sha256(folder) if recorded is not None else None
+    if found != recorded:
+        other = [name for name in DIGESTED_FILES if found.get(name) != recorded.get(name)]
+        raise ValueError(
+            f"{folder}: its {CONFIG_NAME} was saved with another {' and '.join(other)} (a save cut short, or a file "
+            f"replaced): save the model again, or delete file_sha256 from {CONFIG_NAME} to load the files as they are"
+        )
 
 
 def _find_folder(path, options: dict) -> tuple[str, dict]:

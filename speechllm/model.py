@@ -1,6 +1,7 @@
 """SpeechLLM: frozen Whisper encoder -> trainable projector -> frozen chat LLM, audio spliced into the prompt."""
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -11,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.utils import GENERATION_CONFIG_NAME
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 from . import decoding
 from .decoding import shared_prompt_cache, stop_token_ids
 from .encoder import load_whisper_encoder
 from .errors import InputError
-from .hub import PUSH_OPTIONS, SAVED_FILES, WEIGHTS_NAME, pretrained_folder, push_folder, split_options
+from .hub import DIGESTED_FILES, PUSH_OPTIONS, WEIGHTS_NAME, file_sha256, pretrained_folder, push_folder, split_options
 from .hypothesis import LOOP_GUARDS
 from .llm import load_llm, torch_dtype
 from .lora import add_lora, is_lora_parameter
@@ -27,6 +28,7 @@ from .projector import Projector
 from .rescoring import GER_DECODINGS
 
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
+STAGING_PREFIX = ".saving-"  # save_pretrained's folder inside the one it saves to, for the files it has not moved in
 
 
 class SpeechLLMConfig(PretrainedConfig):
@@ -55,6 +57,8 @@ class SpeechLLMConfig(PretrainedConfig):
         ger_decoding: str = "generate",  # with nbest: write the transcript, or "rescore": choose among Whisper's
         # hypotheses by the LLM's and Whisper's log-probabilities (rescoring.py)
         rescore_whisper_weight: float = 1.0,  # "rescore": the weight of Whisper's log-probability beside the LLM's
+        file_sha256: dict | None = None,  # save_pretrained: the sha256 of the weights and generation config saved with
+        # this config, which loading checks (hub.check_saved_model)
         **kwargs,
     ):
         self.whisper_model_name_or_path = whisper_model_name_or_path
@@ -74,6 +78,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.answer_max_new_tokens = answer_max_new_tokens
         self.nbest, self.ger_audio = nbest, ger_audio
         self.ger_decoding, self.rescore_whisper_weight = ger_decoding, rescore_whisper_weight
+        self.file_sha256 = file_sha256
         super().__init__(**kwargs)
 
 
@@ -230,15 +235,19 @@ class SpeechLLM(PreTrainedModel):
         with _gathered(list(trained.values())):
             state = {name: p.detach().cpu().contiguous() for name, p in trained.items()}
         if is_main_process:
-            # Written whole beside the folder's files, then renamed over them: a save cut short (a kill, a full disk)
-            # leaves the previous save as it was, never a torn weights file or a config that does not match them.
+            # Written whole beside the folder's files, then renamed over them, the config last, with the digests of
+            # the files renamed before it: a save cut short (a kill, a full disk) leaves no torn file, and one cut
+            # between two renames a config that loading refuses, never one read with another save's weights.
             os.makedirs(save_directory, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
+            for stale in glob.glob(os.path.join(glob.escape(save_directory), STAGING_PREFIX + "*")):
+                shutil.rmtree(stale, ignore_errors=True)  # what a save killed before its renames left
+            staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
             try:
-                self.config.save_pretrained(staging)
-                self.generation_config.save_pretrained(staging)
                 safetensors.torch.save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
-                for name in SAVED_FILES:
+                self.generation_config.save_pretrained(staging)
+                self.config.file_sha256 = file_sha256(staging)
+                self.config.save_pretrained(staging)
+                for name in [*DIGESTED_FILES, CONFIG_NAME]:
                     os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -1,3 +1,5 @@
+import json
+import os
 import shutil
 
 import numpy as np
@@ -83,6 +85,43 @@ def test_a_save_cut_short_leaves_the_previous_one_whole(make_model, tmp_path, mo
     assert SpeechLLM.from_pretrained(tmp_path).config.projector_kernel_size == 4
 
 
+@pytest.mark.parametrize("renamed", [1, 2])
+def test_a_save_cut_between_its_renames_is_refused_not_loaded_with_the_other_saves_weights(
+    make_model, tmp_path, monkeypatch, renamed
+):
+    make_model(projector_kernel_size=4).save_pretrained(tmp_path)
+    retrained = make_model(projector_kernel_size=4, prompt="<speech>Write it down.")
+    torch.nn.init.normal_(retrained.projector.linear2.weight)
+    done, rename = [], os.replace
+
+    def killed_after(source, destination):
+        if len(done) == renamed:
+            raise KeyboardInterrupt  # a kill between two of the renames that move the new files in
+        done.append(os.path.basename(destination))
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "replace", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        retrained.save_pretrained(tmp_path)
+    monkeypatch.setattr(os, "replace", rename)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: its config.json was saved with another model.safetensors"):
+        SpeechLLM.from_pretrained(tmp_path)
+    retrained.save_pretrained(tmp_path)  # saved again, whole
+    loaded = SpeechLLM.from_pretrained(tmp_path)
+    assert loaded.config.prompt == retrained.config.prompt
+    assert torch.equal(loaded.projector.linear2.weight, retrained.projector.linear2.weight)
+
+
+def test_the_folder_a_killed_save_left_is_removed_by_the_next_save(make_model, tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    left = tmp_path / ".saving-k1ll3d"  # a save killed (SIGKILL) before its renames: no finally ran
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"\x00" * 100)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
 def test_checkpoint_that_does_not_fit_the_models_is_refused(make_model, tiny, tmp_path):
     make_model().save_pretrained(tmp_path)
     wider = make_whisper(str(tmp_path / "wider.pt"), n_state=64)
@@ -95,6 +134,11 @@ def test_checkpoint_that_does_not_fit_the_models_is_refused(make_model, tiny, tm
     state["projector.extra"] = torch.zeros(1)
     del state["projector.conv.bias"]
     safetensors.torch.save_file(state, weights)
+    with pytest.raises(ValueError, match="config.json was saved with another model.safetensors"):  # replaced
+        SpeechLLM.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["file_sha256"]  # loaded as they are: what the error says to do
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"missing \['projector.conv.bias'\], unexpected \['projector.extra'\]"):
         SpeechLLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not_a_field"):
