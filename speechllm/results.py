@@ -7,6 +7,7 @@ import json
 import os
 
 from .errors import InputError
+from .files import write_atomically
 
 FORMATS = ("txt", "tsv", "jsonl")
 TSV_COLUMNS = ("key", "text", "duration", "decoding_seconds", "finished")
@@ -38,11 +39,13 @@ def one_line(value):
 
 
 def write_whole(path: str, lines: list[str]):
-    """Written whole, then renamed, so a failed run never leaves a half-written result file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        file.writelines(line + "\n" for line in lines)
-    os.replace(path + ".tmp", path)
+    """The lines written whole or not at all (files.write_atomically): a failed run leaves no half-written result."""
+
+    def write(temporary: str):
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.writelines(line + "\n" for line in lines)
+
+    write_atomically(path, write)
 
 
 class PartialResults:

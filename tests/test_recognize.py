@@ -17,6 +17,7 @@ from speechllm.data import read_jsonl
 from speechllm.quantization import quantize_llm_int8
 from speechllm.recognition import main as recognize_main
 from speechllm.recognition import process_share
+from speechllm.results import write_whole
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--num_beams", "1", "--max_new_tokens", "8"]
@@ -425,3 +426,12 @@ def test_projector_paths_that_hold_no_saved_model_are_one_line_before_the_models
         for result in ([], ["--result_path", str(tmp_path / "hyp.txt")]):
             error = one_error_line(capsys, lambda: recognize_main(["--projector_model_path", path, clip, *result]))
             assert re.search(message, error), error
+
+
+def test_a_result_file_is_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "hyp.txt"
+    write_whole(str(path), ["utt0\thello"])
+    with pytest.raises(TypeError):
+        write_whole(str(path), ["utt0\tnew", None])  # fails with part of the lines written
+    assert path.read_text() == "utt0\thello\n"
+    assert os.listdir(tmp_path) == ["hyp.txt"]  # and leaves no temporary file behind
