@@ -76,7 +76,10 @@ class SpeedPerturbation(torch.utils.data.Dataset):
     """A training dataset's clips, each at a speed drawn from (seed, epoch, index); set_epoch before each epoch."""
 
     def __init__(self, dataset, speeds: list[float], seed: int):
-        self.dataset, self.speeds, self.seed, self.epoch = dataset, speeds, seed, 0
+        self.dataset, self.speeds, self.seed = dataset, speeds, seed
+        # In shared memory: DataLoader workers that persist across epochs (--dataloader_persistent_workers) keep the
+        # copy of the dataset they started with, and must still see each epoch set_epoch sets in the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self):
         return len(self.dataset)
@@ -85,8 +88,12 @@ class SpeedPerturbation(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:  # group_by_length sorts by the recorded durations
         return self.dataset.lengths
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def speed(self, index: int) -> float:
         return self.speeds[np.random.default_rng([self.seed, self.epoch, index]).integers(len(self.speeds))]

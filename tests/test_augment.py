@@ -72,6 +72,25 @@ def test_each_clip_gets_a_speed_drawn_from_seed_epoch_and_clip(data):  # noqa: F
     assert [len(a) for a in epoch(0, seed=1)] != [len(a) for a in first]
 
 
+def samples(item: dict) -> int:
+    return len(item["audio"])
+
+
+def test_persistent_workers_play_each_epochs_speeds(data):  # noqa: F811
+    # --dataloader_persistent_workers: the workers keep the dataset they were started with, epoch after epoch
+    perturbed = SpeedPerturbation(SpeechDataset(data), [0.8, 0.9, 1.1, 1.2], seed=0)
+    loader = torch.utils.data.DataLoader(
+        perturbed, batch_size=None, num_workers=1, persistent_workers=True, collate_fn=samples
+    )
+    played, drawn = [], []
+    for epoch in range(3):
+        perturbed.set_epoch(epoch)  # as the Trainer does before each epoch's batches
+        played.append(list(loader))
+        drawn.append([samples(perturbed[i]) for i in range(len(perturbed))])  # here, in the main process
+    assert played == drawn
+    assert drawn[0] != drawn[1] != drawn[2]  # the epochs do draw other speeds
+
+
 def test_speed_perturbation_changes_training_only_and_resumes_exactly(tiny, data, tmp_path):  # noqa: F811
     common = ["--max_steps", "6", "--save_steps", "3", "--eval_data_path", data]
     plain = train(train_args(tiny, data, tmp_path / "plain", *common))
