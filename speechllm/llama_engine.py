@@ -29,6 +29,10 @@ ENGINES = ("torch", "llama.cpp")
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.16"  # 0.3.36 segfaults inside llama_decode on AVX-512/AMX machines
 CONTEXT_STEP = 256  # the KV cache grows in steps of this many positions, so similar batches reuse one context
 PREFIX_SEQUENCE = 0  # the llama.cpp sequence that keeps the shared chat prefix; clip n of a batch is sequence n + 1
+# The weights llama.cpp runs unless told: Q8_0 with the LoRA merged, on the shipped model faster than its own Q4_1 file
+# with the LoRA as an adapter (which llama.cpp computes as two more products a layer) and than f32, and as accurate
+# (notes: Measured).
+DEFAULT_WEIGHTS = "q8_0"
 
 
 def import_llama_cpp():
@@ -57,12 +61,6 @@ def _print_errors(level: int, text: bytes, user_data):
 _log_errors_only = None  # the C callback, made once llama_cpp is imported and kept alive as long as the module
 
 
-def default_weights(model) -> str:
-    """Q8_0 with the LoRA merged: on the shipped model faster than its own Q4_1 file with the LoRA as an adapter (which
-    llama.cpp computes as two more products a layer) and than f32, and as accurate (notes: Measured)."""
-    return "q8_0"
-
-
 def engine_decoder(model, engine: str = "torch", weights: str | None = None, threads: int | None = None):
     """What decodes for engine: the model itself ("torch"), or its llama.cpp decoder, kept on the model and remade
     when the model's LLM weights (its LoRA) or these options change. Both have decode_batch(...)."""
@@ -70,7 +68,7 @@ def engine_decoder(model, engine: str = "torch", weights: str | None = None, thr
         raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "torch":
         return model
-    weights = weights or default_weights(model)
+    weights = weights or DEFAULT_WEIGHTS
     threads = threads or torch.get_num_threads()
     files = llm_gguf(model, weights)
     decoder = getattr(model, "_llama_cpp_decoder", None)
@@ -111,7 +109,7 @@ class LlamaCppDecoder:
     def __init__(self, model, weights: str | None = None, threads: int | None = None, files=None):
         """files: llm_gguf(model, weights) where the caller has it already (it hashes the LoRA weights)."""
         self.llama_cpp = import_llama_cpp()
-        weights = weights or default_weights(model)
+        weights = weights or DEFAULT_WEIGHTS
         if weights not in WEIGHT_TYPES:
             raise InputError(f"gguf weights must be one of {', '.join(WEIGHT_TYPES)}, not {weights!r}")
         self.model, self.threads = model, threads or torch.get_num_threads()

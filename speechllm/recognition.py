@@ -20,7 +20,7 @@ from .errors import InputError, user_errors
 from .gguf_export import WEIGHT_TYPES
 from .hub import SAVED_FILES, pretrained_folder
 from .inputs import input_seconds, load_input_audio, read_inputs
-from .llama_engine import ENGINES, engine_decoder, import_llama_cpp
+from .llama_engine import DEFAULT_WEIGHTS, ENGINES, engine_decoder, import_llama_cpp
 from .llm import MODEL_DTYPES
 from .metrics import error_rate, format_error_rate
 from .model import SpeechLLM, SpeechLLMConfig
@@ -99,7 +99,7 @@ class RecognizeArguments:
         metadata={
             "choices": [None, *WEIGHT_TYPES],
             "help": "--engine llama.cpp: gguf (the LLM's own .gguf file, LoRA as an adapter), or f32/f16/q8_0 written "
-            "with the LoRA merged (default: q8_0)",
+            f"with the LoRA merged (default: {DEFAULT_WEIGHTS})",
         },
     )
 
