@@ -229,6 +229,25 @@ class SpeechLLMTrainer(Trainer):
             self.train_dataset = SpeedPerturbation(self.train_dataset, augment_args.speeds, self._data_seed)
             self._epoch_setter.speed_perturbation = self.train_dataset
 
+    # accelerate's mixed precision wraps the model's forward in autocast and leaves it wrapped: after train() or
+    # evaluate() a forward outside the Trainer (a notebook's, a later fp32 run on the same model) still computed in
+    # bf16. So each step autocasts here, as the precision options ask, and the wrapper comes off when they return.
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        return self.accelerator.autocast()
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # in place
+
+    def evaluation_loop(self, *args, **kwargs):
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            if not self.is_in_train:  # evaluate() or predict() on their own: its wrapper stays while training
+                self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         # Every rank joins (ZeRO-3 gathers the projector), the main one writes; the frozen models are never gathered.
         self.model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)

@@ -816,3 +816,52 @@ def test_train_py_ends_its_process_group_whether_or_not_it_fails(monkeypatch, fa
     else:
         training.command_line()
     assert ended == [None]
+
+
+def forward_dtypes(model, batch) -> set:
+    """The dtypes of the LLM's output layer's results in one forward of the model, outside any Trainer."""
+    dtypes = set()
+    hook = model.llm.get_output_embeddings().register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    return dtypes
+
+
+def test_after_bf16_training_and_evaluation_the_model_computes_in_its_own_precision(tiny, data, tmp_path, monkeypatch):
+    # accelerate wraps the model's forward in bf16 autocast for the Trainer: a notebook's forward after train() or
+    # evaluate() ran in bf16 too, and so did a later fp32 training of the same model
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # tests pin fp32 (conftest)
+    dtypes = OutputDtypes()
+    args = train_args(tiny, data, tmp_path, "--max_steps", "1", "--save_strategy", "no", "--bf16", "true")
+    trainer = train(args + ["--eval_data_path", data], [dtypes])
+    assert dtypes.dtypes == {torch.bfloat16}  # training autocasts
+    batch = Collator(trainer.model.processor)([SpeechDataset(data)[i] for i in range(BATCH)])
+    assert forward_dtypes(trainer.model, batch) == {torch.float32}
+    dtypes.dtypes.clear()
+    trainer.evaluate()
+    assert dtypes.dtypes == {torch.bfloat16}  # and evaluation with the Trainer, after training as before it
+    assert forward_dtypes(trainer.model, batch) == {torch.float32}
+
+
+def test_evaluate_on_its_own_leaves_the_model_in_its_own_precision(make_model, data, tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    model = make_model()
+    parser = training.HfArgumentParser(training.SpeechTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "true", "--report_to", "none", "--max_steps", "1"]
+    )
+    args.remove_unused_columns = False
+    dataset, collator = SpeechDataset(data), Collator(model.processor)
+    trainer = training.SpeechLLMTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=dataset, data_collator=collator
+    )
+    dtypes = OutputDtypes()
+    dtypes.on_train_begin(args, None, None, model=model)
+    trainer.evaluate()
+    assert dtypes.dtypes == {torch.bfloat16}
+    batch = collator([dataset[i] for i in range(BATCH)])
+    assert forward_dtypes(model, batch) == {torch.float32}
+    dtypes.dtypes.clear()
+    trainer.train()  # accelerate prepares a model once: its training autocasts all the same
+    assert dtypes.dtypes == {torch.bfloat16}
