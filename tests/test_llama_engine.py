@@ -21,6 +21,7 @@ from speechllm.gguf_export import llm_gguf
 from speechllm.llama_engine import LlamaCppDecoder, banned_ngram_tokens, engine_decoder, guarded
 from speechllm.metrics import error_rate
 from speechllm.recognition import main as recognize_main
+from speechllm.recognition import parse as recognize_parse
 
 STEPS = 24
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -182,15 +183,29 @@ def test_beams_and_unknown_engines_are_user_errors(make_model):
 def test_recognize_with_the_engine_writes_what_the_torch_path_writes(make_model, tiny, tmp_path, capsys):
     model = steered(make_model("llama"))
     model.save_pretrained(tmp_path / "model")
-    common = ["--projector_model_path", str(tmp_path / "model"), "--data_path", tiny["jsonl"], "--num_beams", "1"]
+    common = ["--projector_model_path", str(tmp_path / "model"), "--data_path", tiny["jsonl"]]
     common += ["--max_new_tokens", "8", "--batch_size", "3"]
-    recognize_main(common + ["--result_path", str(tmp_path / "torch.txt")])
-    engine = ["--engine", "llama.cpp", "--gguf_weights", "f32"]
+    recognize_main(common + ["--result_path", str(tmp_path / "torch.txt"), "--num_beams", "1"])
+    engine = ["--engine", "llama.cpp", "--gguf_weights", "f32"]  # greedy without --num_beams: the engine's default
     recognize_main(common + ["--result_path", str(tmp_path / "llama.txt"), *engine])
     assert (tmp_path / "llama.txt").read_text() == (tmp_path / "torch.txt").read_text()
     with pytest.raises(SystemExit):
-        recognize_main(common[:-4] + ["--engine", "llama.cpp", "--num_beams", "4"])
-    assert "--engine llama.cpp decodes greedily" in capsys.readouterr().err
+        recognize_main(common + ["--engine", "llama.cpp", "--num_beams", "4"])
+    assert "--engine llama.cpp decodes greedily: --num_beams must be 1, not 4" in capsys.readouterr().err
+
+
+def test_recognize_takes_its_engines_default_beams():
+    for engine, beams in (("torch", 4), ("llama.cpp", 1)):
+        args, _ = recognize_parse(["--projector_model_path", "model", "--engine", engine])
+        args.check_engine()
+        assert args.num_beams == beams
+
+
+def test_evaluate_refuses_beams_for_the_engine_before_loading(capsys):
+    evaluate = load_script("bench/evaluate.py")
+    with pytest.raises(SystemExit):
+        evaluate.main(["no/such/model", "no/such/data.jsonl", "--engine", "llama.cpp", "--num_beams", "4"])
+    assert "--engine llama.cpp decodes greedily: --num_beams must be 1, not 4" in capsys.readouterr().err
 
 
 def test_speed_bench_times_the_engines_phases(make_model, tiny, tmp_path):
