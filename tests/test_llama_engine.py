@@ -44,12 +44,6 @@ def clips(n=3, seconds=(0.7, 1.3, 2.1)):
     return [audio.astype(np.float32) for audio in audios]
 
 
-# Clips of one length, so no row is padded: transformers 5.25 exempts a left-padded row's first generated tokens from
-# repetition_penalty (it reads the padding as a prompt to ignore, while only generated tokens are there), which the
-# engine does not copy.
-SAME_LENGTH = (1.3, 1.3, 1.3)
-
-
 def steered(model):
     """Distinct clips, distinct answers: a projector whose output the tiny LLM reads."""
     torch.manual_seed(1)
@@ -113,7 +107,7 @@ GUARDS = [
 def test_loop_guards_act_as_in_the_torch_path(make_model, guards):
     model = steered(make_model("llama")).eval()
     decoder = engine_decoder(model, "llama.cpp", weights="f32")
-    audios = clips(seconds=SAME_LENGTH)
+    audios = clips()  # of three lengths: the torch path pads the shorter rows, the engine does not
     unguarded = model.decode_batch(audios, max_new_tokens=STEPS)
     expected = model.decode_batch(audios, max_new_tokens=STEPS, **guards)
     assert [h.token_ids for h in expected] != [h.token_ids for h in unguarded]  # the guard changes the answers
@@ -121,6 +115,15 @@ def test_loop_guards_act_as_in_the_torch_path(make_model, guards):
     # the model's own generation_config is the default, as in the torch path
     model.generation_config.update(**guards)
     same_hypotheses(expected, decoder.decode_batch(audios, max_new_tokens=STEPS))
+
+
+def test_a_clips_repetition_penalty_does_not_depend_on_its_batch(make_model):
+    """Every generated token is penalised, in a padded row too (transformers 5.25's own penalty skips a left-padded
+    row's first tokens when generating from embeddings)."""
+    model = steered(make_model("llama")).eval()
+    batch = model.decode_batch(clips(), max_new_tokens=STEPS, repetition_penalty=1.5)
+    alone = [model.decode_batch([audio], max_new_tokens=STEPS, repetition_penalty=1.5)[0] for audio in clips()]
+    same_hypotheses(alone, batch)
 
 
 def test_stops_where_the_torch_path_stops(make_model):
