@@ -3,8 +3,10 @@ the same stop tokens and loop guards, GGUF files written, cached and remade, and
 
 llama-cpp-python is in the test extra: where it is missing these tests fail (they do not skip), as CI must."""
 
+import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from speechllm.audio import load_audio
 from speechllm.data import read_jsonl
 from speechllm.errors import InputError
 from speechllm.gguf_export import llm_gguf
-from speechllm.llama_engine import LlamaCppDecoder, banned_ngram_tokens, engine_decoder, guarded
+from speechllm.llama_engine import LlamaCppDecoder, banned_ngram_tokens, engine_decoder, guarded, import_llama_cpp
 from speechllm.metrics import error_rate
 from speechllm.recognition import main as recognize_main
 from speechllm.recognition import parse as recognize_parse
@@ -92,7 +94,7 @@ def test_the_llms_own_gguf_file_with_the_lora_as_an_adapter(make_model, tiny):
     model.eval()
     expected = model.decode_batch(clips(), max_new_tokens=STEPS)
     decoder = engine_decoder(model, "llama.cpp", weights="gguf")
-    assert decoder.files[0] == gguf_file and decoder.files[1].endswith(".gguf")
+    assert decoder.llm.files[0] == gguf_file and decoder.llm.files[1].endswith(".gguf")
     same_hypotheses(expected, decoder.decode_batch(clips(), max_new_tokens=STEPS))
 
 
@@ -155,16 +157,42 @@ def test_loop_guards_match_transformers_logits_processors():
 def test_gguf_is_cached_and_remade_when_the_weights_change(make_model, gguf_cache):
     model = with_lora(make_model, "llama")
     first = engine_decoder(model, "llama.cpp", weights="f32")
-    assert engine_decoder(model, "llama.cpp", weights="f32") is first
+    assert engine_decoder(model, "llama.cpp", weights="f32").llm is first.llm  # llama.cpp's loaded LLM is kept
     assert len(list(gguf_cache.glob("*.gguf"))) == 1
     before = first.decode_batch(clips(), max_new_tokens=STEPS)
     with torch.no_grad():
         next(p for n, p in model.trained_parameters().items() if "lora_B" in n).mul_(-3)
     second = engine_decoder(model, "llama.cpp", weights="f32")
-    assert second is not first and second.files != first.files and len(list(gguf_cache.glob("*.gguf"))) == 2
+    assert second.llm is not first.llm and second.llm.files != first.llm.files
+    assert len(list(gguf_cache.glob("*.gguf"))) == 2
     after = second.decode_batch(clips(), max_new_tokens=STEPS)
     same_hypotheses(model.decode_batch(clips(), max_new_tokens=STEPS), after)
     assert [h.token_ids for h in after] != [h.token_ids for h in before]
+
+
+def test_a_batch_over_llama_cpps_sequence_cap_decodes(make_model):
+    """llama.cpp caps a context's sequences (64 in 0.3.16, one of them the chat prefix's): more clips decode in turn."""
+    model = steered(make_model("llama")).eval()
+    decoder = engine_decoder(model, "llama.cpp", weights="f32")
+    cap = import_llama_cpp().llama_max_parallel_sequences()
+    audios = clips() * (cap // 3 + 1)  # more clips than sequences
+    expected = model.decode_batch(clips(), max_new_tokens=4)
+    same_hypotheses(expected * (cap // 3 + 1), decoder.decode_batch(audios, max_new_tokens=4))
+
+
+def test_the_engine_leaves_no_reference_cycle_through_the_model(make_model):
+    """The model keeps llama.cpp's loaded LLM for the next decoder, which must not keep the model: dropped, a model
+    (and its LLM's memory) is freed at once, not at the next cycle collection."""
+    model = make_model("llama").eval()
+    engine_decoder(model, "llama.cpp", weights="f32").decode_batch(clips(1), max_new_tokens=2)
+    dropped = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert dropped() is None
+    finally:
+        gc.enable()
 
 
 def test_a_missing_llama_cpp_python_is_one_line(make_model, monkeypatch):
