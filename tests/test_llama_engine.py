@@ -4,7 +4,9 @@ the same stop tokens and loop guards, GGUF files written, cached and remade, and
 llama-cpp-python is in the test extra: where it is missing these tests fail (they do not skip), as CI must."""
 
 import gc
+import importlib.metadata
 import json
+import re
 import sys
 import weakref
 from pathlib import Path
@@ -20,7 +22,14 @@ from speechllm.audio import load_audio
 from speechllm.data import read_jsonl
 from speechllm.errors import InputError
 from speechllm.gguf_export import llm_gguf
-from speechllm.llama_engine import LlamaCppDecoder, banned_ngram_tokens, engine_decoder, guarded, import_llama_cpp
+from speechllm.llama_engine import (
+    LLAMA_CPP_REQUIREMENT,
+    LlamaCppDecoder,
+    banned_ngram_tokens,
+    engine_decoder,
+    guarded,
+    import_llama_cpp,
+)
 from speechllm.metrics import error_rate
 from speechllm.recognition import main as recognize_main
 from speechllm.recognition import parse as recognize_parse
@@ -193,6 +202,18 @@ def test_the_engine_leaves_no_reference_cycle_through_the_model(make_model):
         assert dropped() is None
     finally:
         gc.enable()
+
+
+def test_the_llama_cpp_pin_is_written_once_and_installed():
+    """The llama extra pins llama-cpp-python (the error message names the same pin), the test extra takes that extra,
+    and these tests run the pinned version."""
+    extras = (
+        (EXAMPLES.parent / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    )
+    assert re.search(r'^llama = \["(.+)"\]$', extras, re.MULTILINE)[1] == LLAMA_CPP_REQUIREMENT
+    assert extras.count("llama-cpp-python") == 1 and '"speechllm[llama]"' in extras.split("test = [")[1]
+    name, version = LLAMA_CPP_REQUIREMENT.split("==")
+    assert importlib.metadata.version(name) == version
 
 
 def test_a_missing_llama_cpp_python_is_one_line(make_model, monkeypatch):
