@@ -55,7 +55,7 @@ def evaluate(model, examples, audios, batch_size, num_beams, **options) -> dict:
     }
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a folder written by train.py / save_pretrained")
     parser.add_argument("data", nargs="+", help="jsonl files with references")
@@ -71,7 +71,9 @@ def main():
     parser.add_argument("--gguf_weights", choices=WEIGHT_TYPES, help="llama.cpp's weights (default: llama_engine's)")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--hypotheses", help="a folder for each setting's hypotheses")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.engine != "torch" and args.num_beams != 1:  # before the model loads
+        parser.error(f"--engine {args.engine} decodes greedily: --num_beams must be 1, not {args.num_beams}")
 
     model = SpeechLLM.from_pretrained(
         args.model,

@@ -181,7 +181,7 @@ class Costs:
         """The same work, with what a llama.cpp decoding step reads: the GGUF files' weights as stored (the token
         embedding only where it is also the output layer) and its keys and values (f16, or f32 beside f32 weights)."""
         costs = copy.copy(self)
-        files = [gguf.GGUFReader(path) for path in decoder.files if path]
+        files = [gguf.GGUFReader(path) for path in decoder.llm.files if path]
         names = {t.name for t in files[0].tensors}
         costs.weight_bytes = sum(
             int(t.n_bytes)
@@ -189,7 +189,7 @@ class Costs:
             for t in reader.tensors
             if len(t.shape) > 1 and (t.name != "token_embd.weight" or "output.weight" not in names)
         )
-        kv_itemsize = 4 if decoder.f32_cache else 2
+        kv_itemsize = 4 if decoder.llm.f32_cache else 2
         costs.kv_bytes_per_position = self.kv_bytes_per_position // self.kv_itemsize * kv_itemsize
         return costs
 
@@ -235,7 +235,7 @@ class Phases:
 
     def __init__(self, model: SpeechLLM, clock: Clock, decoder=None):
         self.model, self.clock, self.calls, self._handles = model, clock, [], []
-        self.engine = decoder if isinstance(decoder, LlamaCppDecoder) else None
+        self.engine = decoder.llm if isinstance(decoder, LlamaCppDecoder) else None  # the llama.cpp side
 
     def __enter__(self):
         modules = [("encoder", self.model.encoder)] + ([] if self.engine else [("llm", self.model.llm)])
@@ -548,9 +548,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     engines = ["torch", "llama.cpp"] if args.engine == "both" else [args.engine]
     engines = engines if args.audio_modes else []  # --audio_modes '': training only
-    recognitions = []
+    recognitions, gguf_weights = [], None
     for engine in engines:
         decoder = engine_decoder(model, engine, args.gguf_weights, threads=torch.get_num_threads())
+        if engine == "llama.cpp":
+            gguf_weights = decoder.weights
         engine_costs = costs.for_engine(decoder) if engine == "llama.cpp" else costs
         decoder.decode_batch(audios[:1], max_new_tokens=2)  # warm-up: llama.cpp's context and the chat prefix
         settings = [
@@ -586,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(),
             "dtype": args.model_dtype + (", LLM linear int8" if args.llm_int8 else ""),
-            "gguf_weights": getattr(model, "_llama_cpp_decoder", None) and model._llama_cpp_decoder.weights,
+            "gguf_weights": gguf_weights,
             "clock": args.clock,
             **rates,
         },

@@ -7,7 +7,7 @@ model."""
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .audio import SAMPLE_RATE
 from .errors import InputError
@@ -97,7 +97,7 @@ def chosen_hypotheses(model, audios, prompts, nbest) -> list[Hypothesis]:
 def written_hypotheses(model, audios, prompts, nbest, num_beams, max_new_tokens, with_logprobs, **options):
     """Each clip's transcript (or answer) as the LLM generates it, cut at its first stop token."""
     max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
-    options = loop_guards(model, options)
+    options = penalty_over_generated_tokens(loop_guards(model, options))
     batch = {name: tensor.to(model.llm.device) for name, tensor in prompt_batch(model, audios, prompts, nbest).items()}
     scores = {"return_dict_in_generate": True, "output_scores": True} if with_logprobs else {}
     output = model.generate(
@@ -116,6 +116,20 @@ def written_hypotheses(model, audios, prompts, nbest, num_beams, max_new_tokens,
         avg_logprob = sum(scored) / len(scored) if scored else None
         hypotheses.append(Hypothesis(text, ids, end is not None, avg_logprob))
     return hypotheses
+
+
+def penalty_over_generated_tokens(options: dict) -> dict:
+    """generate()'s options with repetition_penalty as a logits processor over each row's generated tokens (all of
+    them, as the llama.cpp engine applies it). generate()'s own skips a left-padded row's first tokens: it takes the
+    row's padding for a prompt to leave out of input_ids, which from inputs_embeds hold only generated tokens, so a
+    clip's answer would depend on the batch it is padded in (transformers 5.25)."""
+    penalty = options.get("repetition_penalty")
+    if penalty is None or penalty == 1.0:
+        return options
+    processors = LogitsProcessorList(
+        [*(options.get("logits_processor") or []), RepetitionPenaltyLogitsProcessor(float(penalty))]
+    )
+    return {**options, "repetition_penalty": 1.0, "logits_processor": processors}
 
 
 def transcribe_batch(model, audios, prompts=None, num_beams=1, max_new_tokens=None, **options) -> list[str]:

@@ -3,11 +3,12 @@ llama.cpp (through llama-cpp-python's low-level API), which on CPU runs them nea
 
 Each clip's prompt goes in as embedding rows (the chat's token embeddings with the projected audio written over the
 placeholder, exactly what the torch path feeds its LLM), generated tokens as token ids. The clips of a batch decode
-together, one llama.cpp sequence each; the chat prefix they share (everything before the audio) is computed once and
-kept for the next batches, and each sequence starts from it. Greedy only, with the torch path's stop tokens, token
-budget and loop guards (repetition_penalty, no_repeat_ngram_size over the generated tokens, as transformers applies
-them), so the same weights write the same tokens. Beam search stays torch's; a model that chooses among Whisper's
-n-best (ger_decoding "rescore") scores them in torch, as it needs teacher-forced log-probabilities and no decoding.
+together, one llama.cpp sequence each (as many at a time as llama.cpp's cap allows); the chat prefix they share
+(everything before the audio) is computed once and kept for the next batches, and each sequence starts from it.
+Greedy only, with the torch path's stop tokens, token budget and loop guards (repetition_penalty,
+no_repeat_ngram_size over the generated tokens), so the same weights write the same tokens. Beam search stays
+torch's; a model that chooses among Whisper's n-best (ger_decoding "rescore") scores them in torch, as it needs
+teacher-forced log-probabilities and no decoding.
 
 Which weights llama.cpp runs is gguf_export.py's: the LLM's own GGUF file with the LoRA as an adapter ("gguf"), or
 a file written with the LoRA merged ("f32", "f16", "q8_0").
@@ -62,20 +63,13 @@ _log_errors_only = None  # the C callback, made once llama_cpp is imported and k
 
 
 def engine_decoder(model, engine: str = "torch", weights: str | None = None, threads: int | None = None):
-    """What decodes for engine: the model itself ("torch"), or its llama.cpp decoder, kept on the model and remade
-    when the model's LLM weights (its LoRA) or these options change. Both have decode_batch(...)."""
+    """What decodes for engine: the model itself ("torch"), or a llama.cpp decoder for it. Both have
+    decode_batch(...)."""
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "torch":
         return model
-    weights = weights or DEFAULT_WEIGHTS
-    threads = threads or torch.get_num_threads()
-    files = llm_gguf(model, weights)
-    decoder = getattr(model, "_llama_cpp_decoder", None)
-    if decoder is None or (decoder.files, decoder.threads) != (files, threads):
-        decoder = LlamaCppDecoder(model, weights, threads, files)
-        model._llama_cpp_decoder = decoder
-    return decoder
+    return LlamaCppDecoder(model, weights, threads)
 
 
 def banned_ngram_tokens(generated: list[int], size: int) -> list[int]:
@@ -104,31 +98,85 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class LlamaCppDecoder:
-    """SpeechLLM.decode_batch with the LLM in llama.cpp (greedy)."""
+    """SpeechLLM.decode_batch with the LLM in llama.cpp (greedy). The loaded LLM (LlamaCppLLM) is kept on the model
+    and reused by the next decoder for the same weights and threads; it is remade when the model's LLM weights (its
+    LoRA) or these options change."""
 
-    def __init__(self, model, weights: str | None = None, threads: int | None = None, files=None):
-        """files: llm_gguf(model, weights) where the caller has it already (it hashes the LoRA weights)."""
-        self.llama_cpp = import_llama_cpp()
+    def __init__(self, model, weights: str | None = None, threads: int | None = None):
+        import_llama_cpp()  # before writing a GGUF file for nothing
         weights = weights or DEFAULT_WEIGHTS
         if weights not in WEIGHT_TYPES:
             raise InputError(f"gguf weights must be one of {', '.join(WEIGHT_TYPES)}, not {weights!r}")
-        self.model, self.threads = model, threads or torch.get_num_threads()
-        self.weights, self.files = weights, files or llm_gguf(model, weights)
-        # f32 weights compute what the torch path computes, so their keys and values stay f32 too: llama.cpp's
-        # default f16 cache moves logits by about 1e-3, enough to flip a near tie between two tokens
-        self.f32_cache = weights == "f32"
-        llama_cpp = self.llama_cpp
+        threads = threads or torch.get_num_threads()
+        files = llm_gguf(model, weights)
+        llm = getattr(model, "_llama_cpp_llm", None)  # it holds no reference to the model: no cycle to collect
+        if llm is None or (llm.files, llm.threads) != (files, threads):
+            # f32 weights compute what the torch path computes, so their keys and values stay f32 too: llama.cpp's
+            # default f16 cache moves logits by about 1e-3, enough to flip a near tie between two tokens
+            llm = LlamaCppLLM(files, threads, f32_cache=weights == "f32")
+            model._llama_cpp_llm = llm
+        self.model, self.weights, self.llm = model, weights, llm
+
+    def decode_batch(
+        self, audios, prompts=None, num_beams=1, max_new_tokens=None, nbest=None, with_logprobs=False, **options
+    ) -> list[Hypothesis]:
+        """As SpeechLLM.decode_batch, greedy: num_beams must be 1; options: the loop guards."""
+        model = self.model
+        if model.config.ger_decoding == "rescore":  # no generation: scoring Whisper's n-best is torch's
+            return model.decode_batch(audios, prompts, nbest=nbest, with_logprobs=with_logprobs)
+        if num_beams != 1:
+            raise InputError(
+                f"the llama.cpp engine decodes greedily (num_beams 1, not {num_beams}): beams run in torch"
+            )
+        unknown = sorted(set(options) - set(LOOP_GUARDS))
+        if unknown:
+            raise InputError(f"the llama.cpp engine takes the loop guards {', '.join(LOOP_GUARDS)}, not {unknown}")
+        started = time.perf_counter()
+        prompts = prompts or [None] * len(audios)
+        max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
+        guards = loop_guards(model, options)
+        batch = prompt_batch(model, audios, prompts, nbest)
+        device = model.llm.device
+        with torch.no_grad():
+            embeds = model.embed(**{k: v.to(device) for k, v in batch.items() if k != "attention_mask"})
+        embeds = embeds.float().cpu().numpy()
+        real = batch["attention_mask"].bool()
+        rows = [embeds[i][real[i].numpy()] for i in range(len(audios))]
+        prefix = shared_prefix(
+            [ids[r].tolist() for ids, r in zip(batch["input_ids"], real)],
+            [audio[r].tolist() for audio, r in zip(batch["audio_mask"], real)],
+        )
+        stops = set(model.processor.stop_token_ids)
+        generated, logprobs, finished = self.llm.generate(rows, prefix, max_new_tokens, guards, stops, with_logprobs)
+        seconds = (time.perf_counter() - started) / len(audios)  # decoded together: each clip its share
+        hypotheses = []
+        for ids, scored, ended in zip(generated, logprobs, finished):
+            text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            avg_logprob = sum(scored) / len(scored) if with_logprobs and scored else None
+            hypotheses.append(Hypothesis(text, ids, ended, avg_logprob, seconds))
+        return hypotheses
+
+
+class LlamaCppLLM:
+    """An LLM's GGUF files (the model, and a LoRA adapter or None) loaded in llama.cpp, with one context whose KV cache
+    the clips' sequences share and the chat prefix kept in it: greedy continuations of embedding rows."""
+
+    def __init__(self, files: tuple[str, str | None], threads: int, f32_cache: bool = False):
+        self.llama_cpp = llama_cpp = import_llama_cpp()
+        self.files, self.threads, self.f32_cache = files, threads, f32_cache
         llama_cpp.llama_backend_init()
-        self.llm = llama_cpp.llama_model_load_from_file(self.files[0].encode(), llama_cpp.llama_model_default_params())
+        self.llm = llama_cpp.llama_model_load_from_file(files[0].encode(), llama_cpp.llama_model_default_params())
         if not self.llm:
-            raise RuntimeError(f"llama.cpp could not load {self.files[0]}")
+            raise RuntimeError(f"llama.cpp could not load {files[0]}")
         self.adapter = None
-        if self.files[1]:
-            self.adapter = llama_cpp.llama_adapter_lora_init(self.llm, self.files[1].encode())
+        if files[1]:
+            self.adapter = llama_cpp.llama_adapter_lora_init(self.llm, files[1].encode())
             if not self.adapter:
-                raise RuntimeError(f"llama.cpp could not load the LoRA adapter {self.files[1]}")
+                raise RuntimeError(f"llama.cpp could not load the LoRA adapter {files[1]}")
         self.hidden_size = llama_cpp.llama_model_n_embd(self.llm)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm))
+        # llama.cpp caps a context's sequences (LLAMA_MAX_SEQ, 64 in 0.3.16); one of them keeps the prefix
+        self.max_rows = llama_cpp.llama_max_parallel_sequences() - 1
         self.context, self.context_positions, self.context_sequences = None, 0, 0
         self.prefix = None  # the token ids whose keys and values PREFIX_SEQUENCE holds
 
@@ -196,50 +244,20 @@ class LlamaCppDecoder:
             return np.zeros((0, self.vocab_size), np.float32)
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.context), shape=(outputs, self.vocab_size)).copy()
 
-    # --- decoding ------------------------------------------------------------------------------------------------
+    # --- greedy decoding -------------------------------------------------------------------------------------------
 
-    def decode_batch(
-        self, audios, prompts=None, num_beams=1, max_new_tokens=None, nbest=None, with_logprobs=False, **options
-    ) -> list[Hypothesis]:
-        """As SpeechLLM.decode_batch, greedy: num_beams must be 1; options: the loop guards."""
-        model = self.model
-        if model.config.ger_decoding == "rescore":  # no generation: scoring Whisper's n-best is torch's
-            return model.decode_batch(audios, prompts, nbest=nbest, with_logprobs=with_logprobs)
-        if num_beams != 1:
-            raise InputError(
-                f"the llama.cpp engine decodes greedily (num_beams 1, not {num_beams}): beams run in torch"
-            )
-        unknown = sorted(set(options) - set(LOOP_GUARDS))
-        if unknown:
-            raise InputError(f"the llama.cpp engine takes the loop guards {', '.join(LOOP_GUARDS)}, not {unknown}")
-        started = time.perf_counter()
-        prompts = prompts or [None] * len(audios)
-        max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
-        guards = loop_guards(model, options)
-        batch = prompt_batch(model, audios, prompts, nbest)
-        device = model.llm.device
-        with torch.no_grad():
-            embeds = model.embed(**{k: v.to(device) for k, v in batch.items() if k != "attention_mask"})
-        embeds = embeds.float().cpu().numpy()
-        real = batch["attention_mask"].bool()
-        rows = [embeds[i][real[i].numpy()] for i in range(len(audios))]
-        prefix = shared_prefix(
-            [ids[r].tolist() for ids, r in zip(batch["input_ids"], real)],
-            [audio[r].tolist() for audio, r in zip(batch["audio_mask"], real)],
-        )
-        generated, logprobs, finished = self._generate(rows, prefix, max_new_tokens, guards, with_logprobs)
-        seconds = (time.perf_counter() - started) / len(audios)  # decoded together: each clip its share
-        hypotheses = []
-        for ids, scored, ended in zip(generated, logprobs, finished):
-            text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            avg_logprob = sum(scored) / len(scored) if with_logprobs and scored else None
-            hypotheses.append(Hypothesis(text, ids, ended, avg_logprob, seconds))
-        return hypotheses
+    def generate(self, rows, prefix, max_new_tokens, guards, stops, with_logprobs):
+        """Greedy continuations of these prompts (embedding rows, the first len(prefix) shared), until a token in
+        stops: per row its tokens (without the stop token), their log-probabilities (with it) and whether it stopped.
+        More rows than a context's sequences hold decode in turn, each group from the same cached prefix."""
+        groups = [
+            self._generate(rows[first : first + self.max_rows], prefix, max_new_tokens, guards, stops, with_logprobs)
+            for first in range(0, len(rows), self.max_rows)
+        ]
+        return tuple([row for group in groups for row in group[part]] for part in range(3))
 
-    def _generate(self, rows, prefix, max_new_tokens, guards, with_logprobs):
-        """Greedy continuations of these prompts (embedding rows, the first len(prefix) shared): per row its tokens
-        (without the stop token), their log-probabilities (with it) and whether it stopped."""
-        llama_cpp, stops = self.llama_cpp, set(self.model.processor.stop_token_ids)
+    def _generate(self, rows, prefix, max_new_tokens, guards, stops, with_logprobs):
+        llama_cpp = self.llama_cpp
         shared = len(prefix)
         positions = shared + sum(len(row) - shared + max_new_tokens for row in rows)
         self._reserve(positions, len(rows) + 1)

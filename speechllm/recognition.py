@@ -29,6 +29,9 @@ from .quantization import quantize_llm_int8
 from .rescoring import GER_DECODINGS
 from .results import FORMATS, PartialResults, ResultsError, format_lines, result_format, write_whole
 
+# recognize.py's beams where the engine has beam search (torch's generate); llama.cpp's engine decodes greedily.
+DEFAULT_NUM_BEAMS = {"torch": 4, "llama.cpp": 1}
+
 
 @dataclass
 class RecognizeArguments:
@@ -74,7 +77,9 @@ class RecognizeArguments:
     rescore_whisper_weight: float | None = field(
         default=None, metadata={"help": "rescore: the weight of Whisper's log-probability; default: the saved one"}
     )
-    num_beams: int = field(default=4, metadata={"help": "1 is greedy"})
+    num_beams: int | None = field(
+        default=None, metadata={"help": "1 is greedy; default: 4, with --engine llama.cpp 1 (it decodes greedily)"}
+    )
     batch_size: int = 8
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "default: enough for the longest clip; other prompts: answer_max_new_tokens"}
@@ -104,13 +109,15 @@ class RecognizeArguments:
     )
 
     def check_engine(self):
-        """The engine's options, before any model loads."""
+        """The engine's options, before any model loads; an unset --num_beams becomes the engine's default."""
+        if self.num_beams is None:
+            self.num_beams = DEFAULT_NUM_BEAMS[self.engine]
         if self.engine == "torch":
             if self.gguf_weights is not None:
                 raise InputError("--gguf_weights is for --engine llama.cpp")
             return
         if self.num_beams != 1:
-            raise InputError(f"--engine llama.cpp decodes greedily: add --num_beams 1 (not {self.num_beams})")
+            raise InputError(f"--engine llama.cpp decodes greedily: --num_beams must be 1, not {self.num_beams}")
         if self.llm_int8:
             raise InputError("--llm_int8 quantises the torch LLM: --engine llama.cpp runs its own (--gguf_weights)")
         import_llama_cpp()

@@ -3,8 +3,12 @@ the same stop tokens and loop guards, GGUF files written, cached and remade, and
 
 llama-cpp-python is in the test extra: where it is missing these tests fail (they do not skip), as CI must."""
 
+import gc
+import importlib.metadata
 import json
+import re
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +22,17 @@ from speechllm.audio import load_audio
 from speechllm.data import read_jsonl
 from speechllm.errors import InputError
 from speechllm.gguf_export import llm_gguf
-from speechllm.llama_engine import LlamaCppDecoder, banned_ngram_tokens, engine_decoder, guarded
+from speechllm.llama_engine import (
+    LLAMA_CPP_REQUIREMENT,
+    LlamaCppDecoder,
+    banned_ngram_tokens,
+    engine_decoder,
+    guarded,
+    import_llama_cpp,
+)
 from speechllm.metrics import error_rate
 from speechllm.recognition import main as recognize_main
+from speechllm.recognition import parse as recognize_parse
 
 STEPS = 24
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -41,12 +53,6 @@ def clips(n=3, seconds=(0.7, 1.3, 2.1)):
         t = np.arange(int(16000 * length)) / 16000
         audios.append((0.3 * np.sin(2 * np.pi * 300 * (i + 1) * t) + 0.1 * rng.standard_normal(t.size)))
     return [audio.astype(np.float32) for audio in audios]
-
-
-# Clips of one length, so no row is padded: transformers 5.25 exempts a left-padded row's first generated tokens from
-# repetition_penalty (it reads the padding as a prompt to ignore, while only generated tokens are there), which the
-# engine does not copy.
-SAME_LENGTH = (1.3, 1.3, 1.3)
 
 
 def steered(model):
@@ -97,7 +103,7 @@ def test_the_llms_own_gguf_file_with_the_lora_as_an_adapter(make_model, tiny):
     model.eval()
     expected = model.decode_batch(clips(), max_new_tokens=STEPS)
     decoder = engine_decoder(model, "llama.cpp", weights="gguf")
-    assert decoder.files[0] == gguf_file and decoder.files[1].endswith(".gguf")
+    assert decoder.llm.files[0] == gguf_file and decoder.llm.files[1].endswith(".gguf")
     same_hypotheses(expected, decoder.decode_batch(clips(), max_new_tokens=STEPS))
 
 
@@ -112,7 +118,7 @@ GUARDS = [
 def test_loop_guards_act_as_in_the_torch_path(make_model, guards):
     model = steered(make_model("llama")).eval()
     decoder = engine_decoder(model, "llama.cpp", weights="f32")
-    audios = clips(seconds=SAME_LENGTH)
+    audios = clips()  # of three lengths: the torch path pads the shorter rows, the engine does not
     unguarded = model.decode_batch(audios, max_new_tokens=STEPS)
     expected = model.decode_batch(audios, max_new_tokens=STEPS, **guards)
     assert [h.token_ids for h in expected] != [h.token_ids for h in unguarded]  # the guard changes the answers
@@ -120,6 +126,15 @@ def test_loop_guards_act_as_in_the_torch_path(make_model, guards):
     # the model's own generation_config is the default, as in the torch path
     model.generation_config.update(**guards)
     same_hypotheses(expected, decoder.decode_batch(audios, max_new_tokens=STEPS))
+
+
+def test_a_clips_repetition_penalty_does_not_depend_on_its_batch(make_model):
+    """Every generated token is penalised, in a padded row too (transformers 5.25's own penalty skips a left-padded
+    row's first tokens when generating from embeddings)."""
+    model = steered(make_model("llama")).eval()
+    batch = model.decode_batch(clips(), max_new_tokens=STEPS, repetition_penalty=1.5)
+    alone = [model.decode_batch([audio], max_new_tokens=STEPS, repetition_penalty=1.5)[0] for audio in clips()]
+    same_hypotheses(alone, batch)
 
 
 def test_stops_where_the_torch_path_stops(make_model):
@@ -151,16 +166,54 @@ def test_loop_guards_match_transformers_logits_processors():
 def test_gguf_is_cached_and_remade_when_the_weights_change(make_model, gguf_cache):
     model = with_lora(make_model, "llama")
     first = engine_decoder(model, "llama.cpp", weights="f32")
-    assert engine_decoder(model, "llama.cpp", weights="f32") is first
+    assert engine_decoder(model, "llama.cpp", weights="f32").llm is first.llm  # llama.cpp's loaded LLM is kept
     assert len(list(gguf_cache.glob("*.gguf"))) == 1
     before = first.decode_batch(clips(), max_new_tokens=STEPS)
     with torch.no_grad():
         next(p for n, p in model.trained_parameters().items() if "lora_B" in n).mul_(-3)
     second = engine_decoder(model, "llama.cpp", weights="f32")
-    assert second is not first and second.files != first.files and len(list(gguf_cache.glob("*.gguf"))) == 2
+    assert second.llm is not first.llm and second.llm.files != first.llm.files
+    assert len(list(gguf_cache.glob("*.gguf"))) == 2
     after = second.decode_batch(clips(), max_new_tokens=STEPS)
     same_hypotheses(model.decode_batch(clips(), max_new_tokens=STEPS), after)
     assert [h.token_ids for h in after] != [h.token_ids for h in before]
+
+
+def test_a_batch_over_llama_cpps_sequence_cap_decodes(make_model):
+    """llama.cpp caps a context's sequences (64 in 0.3.16, one of them the chat prefix's): more clips decode in turn."""
+    model = steered(make_model("llama")).eval()
+    decoder = engine_decoder(model, "llama.cpp", weights="f32")
+    cap = import_llama_cpp().llama_max_parallel_sequences()
+    audios = clips() * (cap // 3 + 1)  # more clips than sequences
+    expected = model.decode_batch(clips(), max_new_tokens=4)
+    same_hypotheses(expected * (cap // 3 + 1), decoder.decode_batch(audios, max_new_tokens=4))
+
+
+def test_the_engine_leaves_no_reference_cycle_through_the_model(make_model):
+    """The model keeps llama.cpp's loaded LLM for the next decoder, which must not keep the model: dropped, a model
+    (and its LLM's memory) is freed at once, not at the next cycle collection."""
+    model = make_model("llama").eval()
+    engine_decoder(model, "llama.cpp", weights="f32").decode_batch(clips(1), max_new_tokens=2)
+    dropped = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert dropped() is None
+    finally:
+        gc.enable()
+
+
+def test_the_llama_cpp_pin_is_written_once_and_installed():
+    """The llama extra pins llama-cpp-python (the error message names the same pin), the test extra takes that extra,
+    and these tests run the pinned version."""
+    extras = (
+        (EXAMPLES.parent / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    )
+    assert re.search(r'^llama = \["(.+)"\]$', extras, re.MULTILINE)[1] == LLAMA_CPP_REQUIREMENT
+    assert extras.count("llama-cpp-python") == 1 and '"speechllm[llama]"' in extras.split("test = [")[1]
+    name, version = LLAMA_CPP_REQUIREMENT.split("==")
+    assert importlib.metadata.version(name) == version
 
 
 def test_a_missing_llama_cpp_python_is_one_line(make_model, monkeypatch):
@@ -182,15 +235,29 @@ def test_beams_and_unknown_engines_are_user_errors(make_model):
 def test_recognize_with_the_engine_writes_what_the_torch_path_writes(make_model, tiny, tmp_path, capsys):
     model = steered(make_model("llama"))
     model.save_pretrained(tmp_path / "model")
-    common = ["--projector_model_path", str(tmp_path / "model"), "--data_path", tiny["jsonl"], "--num_beams", "1"]
+    common = ["--projector_model_path", str(tmp_path / "model"), "--data_path", tiny["jsonl"]]
     common += ["--max_new_tokens", "8", "--batch_size", "3"]
-    recognize_main(common + ["--result_path", str(tmp_path / "torch.txt")])
-    engine = ["--engine", "llama.cpp", "--gguf_weights", "f32"]
+    recognize_main(common + ["--result_path", str(tmp_path / "torch.txt"), "--num_beams", "1"])
+    engine = ["--engine", "llama.cpp", "--gguf_weights", "f32"]  # greedy without --num_beams: the engine's default
     recognize_main(common + ["--result_path", str(tmp_path / "llama.txt"), *engine])
     assert (tmp_path / "llama.txt").read_text() == (tmp_path / "torch.txt").read_text()
     with pytest.raises(SystemExit):
-        recognize_main(common[:-4] + ["--engine", "llama.cpp", "--num_beams", "4"])
-    assert "--engine llama.cpp decodes greedily" in capsys.readouterr().err
+        recognize_main(common + ["--engine", "llama.cpp", "--num_beams", "4"])
+    assert "--engine llama.cpp decodes greedily: --num_beams must be 1, not 4" in capsys.readouterr().err
+
+
+def test_recognize_takes_its_engines_default_beams():
+    for engine, beams in (("torch", 4), ("llama.cpp", 1)):
+        args, _ = recognize_parse(["--projector_model_path", "model", "--engine", engine])
+        args.check_engine()
+        assert args.num_beams == beams
+
+
+def test_evaluate_refuses_beams_for_the_engine_before_loading(capsys):
+    evaluate = load_script("bench/evaluate.py")
+    with pytest.raises(SystemExit):
+        evaluate.main(["no/such/model", "no/such/data.jsonl", "--engine", "llama.cpp", "--num_beams", "4"])
+    assert "--engine llama.cpp decodes greedily: --num_beams must be 1, not 4" in capsys.readouterr().err
 
 
 def test_speed_bench_times_the_engines_phases(make_model, tiny, tmp_path):
