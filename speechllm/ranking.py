@@ -32,23 +32,33 @@ from .nbest import listed_hypotheses, window_features
 from .rescoring import clip_whisper_logprobs, hypothesis_batch, whisper_tokenizer
 
 
-def mwer_loss(scores: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
-    """One clip's expected word errors under the softmax of its hypotheses' scores, less their mean errors."""
-    return (scores.float().softmax(0) * (errors - errors.mean())).sum()
+def mwer_loss(scores: torch.Tensor, errors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Each clip's expected word errors under the softmax of its hypotheses' scores, less their mean errors.
+    (clips, most hypotheses) each, padded: real marks the hypotheses, the scores of the others are -inf."""
+    mean = (errors * real).sum(1, keepdim=True) / real.sum(1, keepdim=True)
+    return (scores.softmax(1) * (errors - mean) * real).sum(1)
 
 
-def listwise_loss(scores: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
-    """-log of the probability the softmax of one clip's scores gives its hypotheses with the fewest errors."""
-    return -scores.float().log_softmax(0)[errors == errors.min()].logsumexp(0)
+def listwise_loss(scores: torch.Tensor, errors: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """-log of the probability the softmax of each clip's scores gives its hypotheses with the fewest errors."""
+    fewest = errors.masked_fill(~real, torch.inf).min(1, keepdim=True).values
+    return -scores.log_softmax(1).masked_fill(~real | (errors != fewest), -torch.inf).logsumexp(1)
 
 
 RANKING_LOSSES = {"mwer": mwer_loss, "listwise": listwise_loss}
 
 
 def batch_loss(loss, scores, errors, clip, ranked) -> torch.Tensor:
-    """The mean over the batch's clips of loss on each ranked clip's hypotheses (clip: each hypothesis' clip, ranked:
-    a bool a clip), 0 for the others: a mean over clips, so the ranks' means average to the whole batch's."""
-    losses = torch.stack([loss(scores[clip == c], errors[clip == c].float()) for c in range(len(ranked))])
+    """The mean over the batch's clips of loss on each ranked clip's hypotheses, 0 for the others: a mean over clips,
+    so that the ranks' means average to the whole batch's. scores, errors, clip: a hypothesis each (clip: the row of
+    its clip, the clips' hypotheses in turn); ranked: a bool a clip."""
+    first = torch.searchsorted(clip, torch.arange(len(ranked), device=clip.device))
+    position = torch.arange(len(clip), device=clip.device) - first[clip]
+    shape = (len(ranked), int(position.max()) + 1)
+    real = torch.zeros(shape, dtype=torch.bool, device=clip.device).index_put((clip, position), torch.tensor(True))
+    padded_scores = scores.float().new_full(shape, -torch.inf).index_put((clip, position), scores.float())
+    padded_errors = errors.float().new_zeros(shape).index_put((clip, position), errors.float())
+    losses = loss(padded_scores, padded_errors, real)
     return (losses * ranked.to(losses.dtype)).sum() / len(ranked)  # a product, so that the loss is always a graph
 
 

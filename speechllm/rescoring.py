@@ -13,6 +13,9 @@ keeps the hypothesis of highest total log-probability under Whisper, which can d
 search ranks by the mean per token. Sums favour short texts, but an n-best's hypotheses are alike in length, and on
 dev sums chose better than means (docs/results.md). Whisper scores a text against one 30 s window only, so a clip
 of several windows keeps its first hypothesis.
+
+That score is the weighted sum of rescore_features.FEATURES at their initial weights; a model trained to rank
+(ranking.py, config.learned_rescore_weights) weighs them all by the weights it learned.
 """
 
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 effect, batches against clips one at a time, the learned weights saved and choosing, and the option's errors."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import safetensors.torch
 import soundfile
 import torch
+from repo_scripts import load_script
 from tiny_models import write_jsonl
 
 from speechllm import SpeechLLM, SpeechLLMConfig, training
@@ -16,7 +18,15 @@ from speechllm.audio import SAMPLE_RATE
 from speechllm.data import DataError, SpeechDataset, load_example_audio, read_jsonl
 from speechllm.errors import InputError
 from speechllm.packaged_models import whisper_tiny_en
-from speechllm.ranking import Ranking, RankingArguments, RankingCollator, add_whisper_logprobs
+from speechllm.ranking import (
+    Ranking,
+    RankingArguments,
+    RankingCollator,
+    add_whisper_logprobs,
+    batch_loss,
+    listwise_loss,
+    mwer_loss,
+)
 from speechllm.rescore_features import FEATURES, agreement
 
 EXAMPLE_JSONL = str(Path(__file__).resolve().parents[1] / "examples" / "audio" / "data.jsonl")
@@ -74,6 +84,19 @@ def ranking_items(model, jsonl: str) -> list[dict]:
 
 def ranking_loss(loss: str) -> Ranking:
     return Ranking(RankingArguments(ranking_loss=loss, ranking_temperature=TEMPERATURE))
+
+
+def test_the_losses_are_the_expected_errors_less_their_mean_and_the_best_ones_cross_entropy():
+    """Two clips, one ranked: scores log 3 and 0 give probabilities 3/4 and 1/4; errors 0 and 2, mean 1."""
+    scores, errors = torch.tensor([np.log(3.0), 0.0, 5.0, 1.0, 2.0]), torch.tensor([0, 2, 1, 1, 4])
+    clip, ranked = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([True, False])
+    assert float(batch_loss(mwer_loss, scores, errors, clip, ranked)) == pytest.approx((3 / 4 * -1 + 1 / 4 * 1) / 2)
+    assert float(batch_loss(listwise_loss, scores, errors, clip, ranked)) == pytest.approx(-np.log(3 / 4) / 2)
+    # ties for the fewest errors share the target; a clip whose hypotheses all err alike adds 0
+    tied = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([1, 1, 3]), torch.tensor([0, 0, 0]), torch.tensor([True])
+    assert float(batch_loss(listwise_loss, *tied)) == pytest.approx(-np.log(2 / (2 + np.e)))
+    same = torch.tensor([0.0, 3.0]), torch.tensor([2, 2]), torch.tensor([0, 0]), torch.tensor([True])
+    assert float(batch_loss(mwer_loss, *same)) == 0 and float(batch_loss(listwise_loss, *same)) == 0
 
 
 def test_agreement_is_the_share_of_hypotheses_holding_each_word():
@@ -237,3 +260,24 @@ def test_train_py_can_train_the_weights_alone(chooser, tiny, tiny_en, clips_json
     assert len(losses) == 1 and np.isfinite(losses[0])
     loaded = SpeechLLM.from_pretrained(tmp_path / "out")
     assert torch.equal(loaded.rescore_weights.weight.detach(), trained["rescore_weights.weight"])
+
+
+def test_weight_bench_fits_the_weights_on_cached_scores(chooser, clips_jsonl, tmp_path, capsys):
+    """bench/rescore_weights.py --fit: from the LLM alone (Whisper's weight 0), which picks wrong hypotheses here, to
+    weights fitted on the scores, which pick the right ones; then again from the saved scores alone."""
+    bench = load_script("bench/rescore_weights.py")
+    chooser(learned_rescore_weights=False).save_pretrained(tmp_path / "model")
+    rows = [json.loads(line) for line in Path(clips_jsonl).read_text().splitlines()][:3]
+    for row in rows:
+        row["nbest"] = [variants(row["txt"])[name] for name in ("backwards", "short", "right")]
+    jsonl = write_jsonl(str(tmp_path / "cached.jsonl"), rows)
+    args = [str(tmp_path / "model"), jsonl, "--weights", "0", "--scores", str(tmp_path / "scores.json")]
+    fit = ["--fit", jsonl, "--fit_from", "0", "--fit_temperature", str(TEMPERATURE)]
+    bench.main(args + fit)
+    out = capsys.readouterr().out
+    llm_alone = next(line for line in out.splitlines() if "whisper weight 0:" in line)
+    assert "WER 0.00%" not in llm_alone
+    assert f"{jsonl}: fitted weights: WER 0.00%" in out
+    assert re.search(r"weights fitted on .*: llm \S+, whisper \S+, llm_per_token \S+", out)
+    bench.main(args + fit)  # the saved scores, which keep the features
+    assert f"{jsonl}: fitted weights: WER 0.00%" in capsys.readouterr().out
