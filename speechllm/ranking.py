@@ -80,6 +80,13 @@ class RankingArguments:
             "about the spread of a clip's scores where they lie far apart (their softmax then gives no gradient)"
         },
     )
+    rescore_weights_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "with --ranking_loss: the learning rate of the chooser's feature weights (a handful of numbers "
+            "near 1, which a projector's or LoRA's rate would barely move); default: --learning_rate"
+        },
+    )
     rescore_weights_only: bool = field(
         default=False,
         metadata={
@@ -184,6 +191,21 @@ def ranking_collator(model, datasets, device) -> RankingCollator:
         if dataset is not None:
             add_whisper_logprobs(model, dataset.examples)
     return RankingCollator(model)
+
+
+def with_rescore_weights_group(optimizer, model, learning_rate: float | None):
+    """The optimizer with the learned feature weights in a group of their own: their learning rate (None: the
+    optimizer's) and no weight decay, which would pull the LLM's and Whisper's weights toward 0. Groups left empty
+    are dropped; an optimizer that has the group already is left as it is."""
+    weight = model.rescore_weights.weight
+    if any(group["params"] == [weight] for group in optimizer.param_groups):
+        return optimizer
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if p is not weight]
+    optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+    own = {"lr": learning_rate} if learning_rate is not None else {}
+    optimizer.add_param_group({"params": [weight], "weight_decay": 0.0, **own})
+    return optimizer
 
 
 def train_rescore_weights_only(model):

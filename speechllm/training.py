@@ -23,7 +23,14 @@ from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import DEFAULT_NBEST_PROMPT, check_task_prompt, error_correction_collator
 from .precision import computes_bf16_natively
 from .processor import check_system_prompt
-from .ranking import Ranking, RankingArguments, check_ranking_data, ranking_collator, train_rescore_weights_only
+from .ranking import (
+    Ranking,
+    RankingArguments,
+    check_ranking_data,
+    ranking_collator,
+    train_rescore_weights_only,
+    with_rescore_weights_group,
+)
 
 _DEFAULTS = SpeechLLMConfig()
 
@@ -223,6 +230,7 @@ class SpeechLLMTrainer(Trainer):
             self.data_collator = CachingCollator(self.data_collator)
         self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
         self.ranking = Ranking(ranking_args) if ranking_args and ranking_args.enabled else None
+        self.ranking_args = ranking_args
         self.augment = augment_args if augment_args and augment_args.spec_augment else None
         # mel, mel_frames and audio_tokens have a row per 30 s window, not per clip: a split of the batch along its
         # first dimension would hand a replica other clips' audio once a clip is longer than 30 s.
@@ -250,6 +258,13 @@ class SpeechLLMTrainer(Trainer):
             save_run_options(output_dir or self.args.output_dir, self.run_options)
         if self.args.push_to_hub and not _internal_call:  # what Trainer.save_model does after saving
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.ranking is not None:
+            speechllm = self.accelerator.unwrap_model(model or self.model)
+            with_rescore_weights_group(optimizer, speechllm, self.ranking_args.rescore_weights_learning_rate)
+        return optimizer
 
     def _save_optimizer_and_scheduler(self, output_dir: str):
         if not self.is_deepspeed_enabled:
