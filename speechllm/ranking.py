@@ -55,7 +55,8 @@ def batch_loss(loss, scores, errors, clip, ranked) -> torch.Tensor:
     first = torch.searchsorted(clip, torch.arange(len(ranked), device=clip.device))
     position = torch.arange(len(clip), device=clip.device) - first[clip]
     shape = (len(ranked), int(position.max()) + 1)
-    real = torch.zeros(shape, dtype=torch.bool, device=clip.device).index_put((clip, position), torch.tensor(True))
+    real = torch.zeros(shape, dtype=torch.bool, device=clip.device)
+    real[clip, position] = True
     padded_scores = scores.float().new_full(shape, -torch.inf).index_put((clip, position), scores.float())
     padded_errors = errors.float().new_zeros(shape).index_put((clip, position), errors.float())
     losses = loss(padded_scores, padded_errors, real)
