@@ -29,6 +29,9 @@ class Example:
     duration: float | None  # seconds, when the jsonl says
     where: str  # "file:line", for error messages
     nbest: list[str] | None = None  # cached Whisper hypotheses, best first, for error correction (nbest.py)
+    # Whisper's log-probability of each hypothesis the model lists (None: a clip of several windows), computed before
+    # training the chooser to rank (ranking.py)
+    whisper_logprobs: list[float] | None = None
 
 
 def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = False) -> list[Example]:
@@ -130,6 +133,7 @@ class SpeechDataset(torch.utils.data.Dataset):
             "txt": example.txt,
             "transcript": example.transcript,
             "nbest": example.nbest,
+            "whisper_logprobs": example.whisper_logprobs,
         }
 
     @cached_property

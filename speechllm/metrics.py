@@ -1,6 +1,8 @@
 """Word and character error rates after Whisper's text normalisation, so casing and punctuation are not errors;
 ROUGE-L for answers that are not transcripts."""
 
+import functools
+
 import jiwer
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
@@ -8,7 +10,7 @@ from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 def error_rate(references: list[str], hypotheses: list[str], metric: str = "wer") -> dict:
     """WER (English normaliser) or CER (basic normaliser, spaces dropped: for Chinese and similar scripts)."""
     if metric == "wer":
-        normalize = EnglishTextNormalizer()
+        normalize = _english_normalizer()
         refs, hyps = [normalize(t) for t in references], [normalize(t) for t in hypotheses]
     elif metric == "cer":
         normalize = BasicTextNormalizer()
@@ -40,6 +42,17 @@ def word_errors(reference: str, hypothesis: str) -> int:
     """Substitutions, deletions and insertions of one hypothesis, normalised as error_rate does."""
     result = error_rate([reference], [hypothesis])
     return result["substitutions"] + result["deletions"] + result["insertions"]
+
+
+def wer_words(text: str) -> list[str]:
+    """The words of text that the WER counts: after its (English) normalisation. A reference without any is left out
+    of the WER."""
+    return _english_normalizer()(text).split()
+
+
+@functools.cache
+def _english_normalizer() -> EnglishTextNormalizer:  # it reads its spelling table from a file: once
+    return EnglishTextNormalizer()
 
 
 def format_error_rate(result: dict) -> str:

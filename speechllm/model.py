@@ -25,7 +25,8 @@ from .lora import add_lora, is_lora_parameter
 from .nbest import DEFAULT_NBEST_PROMPT, decoder_for
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
-from .rescoring import GER_DECODINGS
+from .rescore_features import FeatureWeights
+from .rescoring import GER_DECODINGS, score_hypotheses
 
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
 STAGING_PREFIX = ".saving-"  # save_pretrained's folder inside the one it saves to, for the files it has not moved in
@@ -57,6 +58,9 @@ class SpeechLLMConfig(PretrainedConfig):
         ger_decoding: str = "generate",  # with nbest: write the transcript, or "rescore": choose among Whisper's
         # hypotheses by the LLM's and Whisper's log-probabilities (rescoring.py)
         rescore_whisper_weight: float = 1.0,  # "rescore": the weight of Whisper's log-probability beside the LLM's
+        # (the initial one, where the weights are learned)
+        learned_rescore_weights: bool = False,  # "rescore": the weights of the chooser's features (rescore_features.py)
+        # are trained to rank (train.py --ranking_loss) and saved with the projector
         file_sha256: dict | None = None,  # save_pretrained: the sha256 of the weights and generation config saved with
         # this config, which loading checks (hub.check_saved_model)
         **kwargs,
@@ -78,6 +82,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.answer_max_new_tokens = answer_max_new_tokens
         self.nbest, self.ger_audio = nbest, ger_audio
         self.ger_decoding, self.rescore_whisper_weight = ger_decoding, rescore_whisper_weight
+        self.learned_rescore_weights = learned_rescore_weights
         self.file_sha256 = file_sha256
         super().__init__(**kwargs)
 
@@ -99,6 +104,8 @@ class SpeechLLM(PreTrainedModel):
         self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
         self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)
         self.whisper_decoder = decoder_for(config, dtype)  # error correction only
+        if config.nbest:  # the chooser's weights (rescoring.py): fixed, or trained to rank
+            self.rescore_weights = FeatureWeights(config.rescore_whisper_weight, config.learned_rescore_weights)
         dims = {"encoder_dim": self.encoder.dims.n_audio_state, "hidden_size": self.llm.config.hidden_size}
         for name, size in dims.items():
             if getattr(config, name) not in (None, size):
@@ -149,8 +156,11 @@ class SpeechLLM(PreTrainedModel):
         labels=None,
         num_items_in_batch=None,
         audio_features=None,
+        hypotheses=None,
     ):
         inputs_embeds = self.embed(input_ids, audio_mask, mel, mel_frames, audio_tokens, audio_features)
+        if hypotheses is not None:  # Whisper's hypotheses of each clip, scored as the chooser ranks them
+            return score_hypotheses(self, inputs_embeds, attention_mask, **hypotheses)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
         if labels is None:
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
@@ -223,9 +233,16 @@ class SpeechLLM(PreTrainedModel):
         self._add_lora()
         return self
 
+    def learn_rescore_weights(self):
+        """Train the weights of the chooser's features from their present values, and save them with the projector."""
+        self.config.learned_rescore_weights = True
+        self.rescore_weights.requires_grad_(True)
+
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """What training changes and a checkpoint holds: the projector and any LoRA weights, never the frozen models."""
-        return {n: p for n, p in self.named_parameters() if n.startswith("projector.") or is_lora_parameter(n)}
+        """What training changes and a checkpoint holds: the projector, any LoRA weights and learned feature weights,
+        never the frozen models."""
+        trained = ("projector.", "rescore_weights.") if self.config.learned_rescore_weights else ("projector.",)
+        return {n: p for n, p in self.named_parameters() if n.startswith(trained) or is_lora_parameter(n)}
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **options):
         """The config and the trained weights, nothing of the frozen models (gathered under ZeRO-3).
@@ -268,6 +285,8 @@ class SpeechLLM(PreTrainedModel):
                 if overrides.get("model_dtype") not in (None, dtype):
                     raise InputError(f"{alias}={value} contradicts model_dtype={overrides['model_dtype']!r}")
                 overrides["model_dtype"] = dtype
+        if config.learned_rescore_weights and overrides.get("rescore_whisper_weight") is not None:
+            raise InputError(f"{path} learned its chooser's weights: rescore_whisper_weight would not be used")
         for name, value in overrides.items():
             if not hasattr(config, name):
                 raise ValueError(f"{name!r} is not a SpeechLLMConfig field")

@@ -13,15 +13,39 @@ keeps the hypothesis of highest total log-probability under Whisper, which can d
 search ranks by the mean per token. Sums favour short texts, but an n-best's hypotheses are alike in length, and on
 dev sums chose better than means (docs/results.md). Whisper scores a text against one 30 s window only, so a clip
 of several windows keeps its first hypothesis.
+
+That score is the weighted sum of rescore_features.FEATURES at their initial weights; a model trained to rank
+(ranking.py, config.learned_rescore_weights) weighs them all by the weights it learned.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.utils import ModelOutput
 
 from .nbest import error_correction_inputs, fill_missing_nbest, listed_hypotheses, window_features
+from .rescore_features import agreement, feature_matrix
 
 GER_DECODINGS = ("generate", "rescore")
+
+
+@dataclass
+class HypothesisScores(ModelOutput):
+    """SpeechLLM.forward's output on a batch of hypotheses (hypothesis_batch), each hypothesis' row: the chooser's
+    combined score, the LLM's log-probability and the features (rescore_features.FEATURES); and the loss that training
+    to rank (ranking.py) adds."""
+
+    scores: torch.Tensor | None = None
+    llm_logprobs: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+def whisper_text_tokens(tokenizer, text: str) -> list[int]:
+    """A hypothesis' tokens as Whisper's decoder reads them after its prompt (its end of text not included)."""
+    return tokenizer.encode(" " + text) if text else []
 
 
 @torch.no_grad()
@@ -33,7 +57,7 @@ def whisper_logprobs(decoder, features: torch.Tensor, texts: list[list[str]]) ->
     task = decoder.decoding_task()
     tokenizer, prefix = task.tokenizer, list(task.initial_tokens)
     rows = [
-        (w, prefix + (tokenizer.encode(" " + text) if text else []) + [tokenizer.eot])
+        (w, prefix + whisper_text_tokens(tokenizer, text) + [tokenizer.eot])
         for w, window in enumerate(texts)
         for text in window
     ]
@@ -56,60 +80,127 @@ def whisper_logprobs(decoder, features: torch.Tensor, texts: list[list[str]]) ->
     return [[next(sums) for _ in window] for window in texts]
 
 
-@torch.no_grad()
-def llm_logprobs(model, audios, prompts, nbest, audio_features=None) -> list[list[float]]:
-    """log P(hypothesis and end of turn | the model's prompt, audio) for each clip's hypotheses in its prompt
-    (audio_features: the encoder's output on the clips' windows, where the model reads those, so it is not rerun).
+def clip_whisper_logprobs(decoder, features, counts: list[int], shown: list[list[str]]) -> list[list[float] | None]:
+    """whisper_logprobs of each clip's shown hypotheses, from the clips' window features (counts: each clip's
+    windows); None for a clip of several windows: Whisper scores a text against one window."""
+    single = [i for i, count in enumerate(counts) if count == 1]
+    first_windows = [int(start) for start in np.cumsum([0] + counts)[single]]
+    scores = [None] * len(counts)
+    for i, own in zip(single, whisper_logprobs(decoder, features[first_windows], [shown[i] for i in single])):
+        scores[i] = own
+    return scores
 
-    The prompt pass runs once a clip, and its KV cache is copied for each of the clip's hypotheses, whose answer
-    tokens alone are then run: the prompt (n-best and audio) is most of each row."""
-    config, llm, processor = model.config, model.llm, model.processor
+
+def hypothesis_batch(config, processor, whisper_tokenizer, audios, prompts, nbest, whisper_scores) -> dict:
+    """The Processor's batch of the clips' prompts (their n-best written in where a prompt lists it) and, under
+    "hypotheses", the hypotheses the prompts show, the clips' in turn, for SpeechLLM.forward to score: answer_ids and
+    answer_mask (hypotheses, longest answer: the LLM's answer tokens and end of turn), clip (the row of its clip),
+    whisper_logprob and whisper_tokens (its tokens and end of text), and agreement. whisper_scores: each clip's
+    clip_whisper_logprobs; a clip's None (several windows) gives 0. Choosing and training to rank (ranking.py) both
+    build their batches here, so that what is trained is what chooses."""
     shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
+    for texts, own in zip(shown, whisper_scores, strict=True):
+        if own is not None and len(own) != len(texts):
+            raise ValueError(f"{len(own)} Whisper scores for {len(texts)} hypotheses: {texts}")
     audios, prompts = error_correction_inputs(config, audios, prompts, nbest)
-    batch = {name: tensor.to(llm.device) for name, tensor in processor(audios, prompts).items()}
-    mask = batch.pop("attention_mask")
+    batch = processor(audios, prompts)
+    answers = [processor.response_ids(prompt, text) for prompt, texts in zip(prompts, shown) for text in texts]
+    length = max(len(ids) for ids in answers)
+    hypotheses = {
+        "answer_ids": torch.tensor([ids + [processor.pad_token_id] * (length - len(ids)) for ids in answers]),
+        "answer_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in answers]),
+        "clip": torch.tensor([clip for clip, texts in enumerate(shown) for _ in texts]),
+        "whisper_logprob": torch.tensor(
+            [s for texts, own in zip(shown, whisper_scores) for s in own or [0.0] * len(texts)]
+        ),
+        "whisper_tokens": torch.tensor(
+            [len(whisper_text_tokens(whisper_tokenizer, text)) + 1 for texts in shown for text in texts]
+        ),
+        "agreement": torch.tensor([share for texts in shown for share in agreement(texts)]),
+    }
+    return batch | {"hypotheses": hypotheses}
+
+
+def score_hypotheses(
+    model, inputs_embeds, attention_mask, answer_ids, answer_mask, clip, whisper_logprob, whisper_tokens, agreement
+) -> HypothesisScores:
+    """SpeechLLM.forward on a hypothesis_batch, its prompts embedded: log P(hypothesis and end of turn | the model's
+    prompt, audio) for each hypothesis, teacher-forced, then the features and their combined score.
+
+    The prompt pass runs once a clip, and its KV cache is selected for each of the clip's hypotheses, whose answer
+    tokens alone are then run: the prompt (n-best and audio) is most of each row. It runs with gradients where the
+    model has trained weights, as training to rank (ranking.py) needs them."""
+    llm = model.llm
     cache = DynamicCache(config=llm.config)
     prompt = llm(
-        inputs_embeds=model.embed(**batch, audio_features=audio_features),
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # left padding must not shift positions
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),  # left padding must not shift positions
         cache=cache,
         logits_to_keep=1,
     )
-    rows = torch.tensor([clip for clip, texts in enumerate(shown) for _ in texts], device=llm.device)
-    answers = [processor.response_ids(p, text) for p, texts in zip(prompts, shown) for text in texts]
-    length = max(len(ids) for ids in answers)
-    answer_ids = torch.tensor([ids + [processor.pad_token_id] * (length - len(ids)) for ids in answers])
-    answer_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in answers])
-    answer_ids, answer_mask = answer_ids.to(llm.device), answer_mask.to(llm.device)
-    cache.batch_select_indices(rows)
+    length = answer_ids.shape[1]
+    cache.batch_select_indices(clip)
     answer = llm(
         input_ids=answer_ids,
-        attention_mask=torch.cat([mask[rows], answer_mask], -1),
-        position_ids=mask[rows].sum(-1, keepdim=True) + torch.arange(length, device=llm.device),
+        attention_mask=torch.cat([attention_mask[clip], answer_mask], -1),
+        position_ids=attention_mask[clip].sum(-1, keepdim=True) + torch.arange(length, device=answer_ids.device),
         cache=cache,
     )
     # the prompt's last position predicts each answer's first token, answer position t the token at t + 1
-    logits = torch.cat([prompt.logits[rows], answer.logits[:, :-1]], 1).float()
+    logits = torch.cat([prompt.logits[clip], answer.logits[:, :-1]], 1).float()
     picked = logits.log_softmax(-1).gather(-1, answer_ids[..., None])[..., 0]
-    sums = iter((picked * answer_mask).sum(-1).tolist())
-    return [[next(sums) for _ in texts] for texts in shown]
+    logprobs = (picked * answer_mask).sum(-1)
+    features = feature_matrix(logprobs, answer_mask.sum(-1), whisper_logprob, whisper_tokens, agreement)
+    return HypothesisScores(scores=model.rescore_weights(features), llm_logprobs=logprobs, features=features)
+
+
+def per_clip(values: torch.Tensor, shown: list[list[str]]) -> list[list]:
+    """A hypothesis_batch's rows of values, as a list a clip."""
+    rows = iter(values.tolist())
+    return [[next(rows) for _ in texts] for texts in shown]
+
+
+def whisper_tokenizer(decoder):
+    return decoder.decoding_task().tokenizer
+
+
+@torch.no_grad()
+def llm_logprobs(model, audios, prompts, nbest, audio_features=None) -> list[list[float]]:
+    """log P(hypothesis and end of turn | the model's prompt, audio) for each clip's hypotheses in its prompt
+    (audio_features: the encoder's output on the clips' windows, where the model reads those, so it is not rerun)."""
+    shown = [listed_hypotheses(model.config, hypotheses) for hypotheses in nbest]
+    tokenizer = whisper_tokenizer(model.whisper_decoder)
+    batch = hypothesis_batch(model.config, model.processor, tokenizer, audios, prompts, nbest, [None] * len(audios))
+    return per_clip(model(**_on(batch, model.llm.device), audio_features=audio_features).llm_logprobs, shown)
+
+
+def _on(batch: dict, device) -> dict:
+    return {k: _on(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items() if v is not None}
+
+
+@torch.no_grad()
+def score_clips(model, audios, prompts, nbest) -> tuple[list[list[str]], list[list[float] | None], HypothesisScores]:
+    """Each clip's hypotheses as its prompt shows them, Whisper's log-probabilities of them (None for a clip of
+    several windows) and the model's HypothesisScores of them all (the clips' in turn). nbest: cached lists, or None
+    a clip to decode."""
+    config, decoder = model.config, model.whisper_decoder
+    features, counts = window_features(model.encoder, audios, next(decoder.parameters()).device)
+    nbest = fill_missing_nbest(decoder, config.nbest, nbest, features, counts)
+    shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
+    whisper_scores = clip_whisper_logprobs(decoder, features, counts, shown)
+    batch = hypothesis_batch(
+        config, model.processor, whisper_tokenizer(decoder), audios, prompts, nbest, whisper_scores
+    )
+    shared = features if config.ger_audio and config.audio_mode == "window" else None  # as the projector reads them
+    return shown, whisper_scores, model(**_on(batch, model.llm.device), audio_features=shared)
 
 
 def hypothesis_scores(model, audios, prompts, nbest):
     """Each clip's hypotheses as its prompt shows them, with the LLM's and Whisper's log-probability of each
     (Whisper's None for a clip of several windows). nbest: cached lists, or None a clip to decode."""
-    config, decoder = model.config, model.whisper_decoder
-    features, counts = window_features(model.encoder, audios, next(decoder.parameters()).device)
-    nbest = fill_missing_nbest(decoder, config.nbest, nbest, features, counts)
-    shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
-    single = [i for i, count in enumerate(counts) if count == 1]
-    first_windows = [int(start) for start in np.cumsum([0] + counts)[single]]
-    whisper_scores = [None] * len(audios)
-    for i, scores in zip(single, whisper_logprobs(decoder, features[first_windows], [shown[i] for i in single])):
-        whisper_scores[i] = scores
-    shared = features if config.ger_audio and config.audio_mode == "window" else None  # as the projector reads them
-    return shown, llm_logprobs(model, audios, prompts, nbest, shared), whisper_scores
+    shown, whisper_scores, scored = score_clips(model, audios, prompts, nbest)
+    return shown, per_clip(scored.llm_logprobs, shown), whisper_scores
 
 
 def choose(texts: list[str], llm_scores: list[float], whisper_scores: list[float] | None, whisper_weight: float):
@@ -121,10 +212,13 @@ def choose(texts: list[str], llm_scores: list[float], whisper_scores: list[float
 
 
 def rescore_batch(model, audios, prompts, nbest) -> list[tuple[str, float]]:
-    """Each clip's best hypothesis by the combined score, at the model's rescore_whisper_weight, with the LLM's
-    log-probability of it."""
-    weight, chosen = model.config.rescore_whisper_weight, []
-    for texts, llm, own in zip(*hypothesis_scores(model, audios, prompts, nbest)):
-        text = choose(texts, llm, own, weight)
-        chosen.append((text, llm[texts.index(text)]))
+    """Each clip's best hypothesis by the model's combined score (rescore_features: at its learned weights, or at
+    rescore_whisper_weight), with the LLM's log-probability of it; a clip of several windows keeps Whisper's first."""
+    shown, whisper_scores, scored = score_clips(model, audios, prompts, nbest)
+    chosen = []
+    for texts, own, total, llm in zip(
+        shown, whisper_scores, per_clip(scored.scores, shown), per_clip(scored.llm_logprobs, shown)
+    ):
+        best = 0 if own is None else max(range(len(texts)), key=total.__getitem__)
+        chosen.append((texts[best], llm[best]))
     return chosen

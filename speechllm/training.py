@@ -23,6 +23,14 @@ from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import DEFAULT_NBEST_PROMPT, check_task_prompt, error_correction_collator
 from .precision import computes_bf16_natively
 from .processor import check_system_prompt
+from .ranking import (
+    Ranking,
+    RankingArguments,
+    check_ranking_data,
+    ranking_collator,
+    train_rescore_weights_only,
+    with_rescore_weights_group,
+)
 
 _DEFAULTS = SpeechLLMConfig()
 
@@ -75,6 +83,10 @@ class ModelArguments:
     )
     nbest: int | None = _option("error correction: Whisper's N-best in the prompt at <nbest> (default 0: plain ASR)")
     ger_audio: bool | None = _option("with --nbest: the audio in the prompt too (default true)")
+    rescore_whisper_weight: float | None = _option(
+        "choosing (ger_decoding rescore): the weight of Whisper's log-probability beside the LLM's; with "
+        f"--ranking_loss its initial value (default {_DEFAULTS.rescore_whisper_weight})"
+    )
 
 
 @dataclass
@@ -134,10 +146,13 @@ class SpeechTrainingArguments(TrainingArguments):
             self.bf16, self.mixed_precision = True, "bf16"
 
 
-def given_options(model_args: ModelArguments) -> tuple[str | None, SpeechLLMConfig | None, dict]:
+def given_options(model_args: ModelArguments, ranking: bool = False) -> tuple[str | None, SpeechLLMConfig | None, dict]:
     """The saved model's folder and config (None, None for a new model) and the options given on top of them:
-    --nbest on a recognition model gives it the n-best prompt unless --prompt does."""
+    --nbest on a recognition model gives it the n-best prompt unless --prompt does; a model trained to rank
+    (ranking.py) chooses, by the weights it learns."""
     given = {k: v for k, v in asdict(model_args).items() if v is not None and k != "projector_model_path"}
+    if ranking:
+        given |= {"ger_decoding": "rescore", "learned_rescore_weights": True}
     if not model_args.projector_model_path:
         return None, None, given
     path, _ = pretrained_folder(model_args.projector_model_path, {})  # the folder, its model.safetensors or a hub id
@@ -147,9 +162,9 @@ def given_options(model_args: ModelArguments) -> tuple[str | None, SpeechLLMConf
     return path, saved, given
 
 
-def planned_config(model_args: ModelArguments) -> SpeechLLMConfig:
+def planned_config(model_args: ModelArguments, ranking: bool = False) -> SpeechLLMConfig:
     """The config build_model's model will have, read without loading any model."""
-    _, saved, given = given_options(model_args)
+    _, saved, given = given_options(model_args, ranking)
     if saved is None:
         return SpeechLLMConfig(**given)
     for name, value in given.items():
@@ -172,16 +187,20 @@ def check_model_options(config: SpeechLLMConfig, distill_args: DistillArguments)
         raise InputError(f"--prompt/--system_prompt: {error}") from None
 
 
-def build_model(model_args: ModelArguments) -> SpeechLLM:
+def build_model(model_args: ModelArguments, ranking: bool = False) -> SpeechLLM:
     """A new model, or a saved one with the options given on top (given_options); LoRA options on a model saved
-    without LoRA add fresh LoRA weights to it."""
-    path, saved, given = given_options(model_args)
+    without LoRA add fresh LoRA weights to it, and ranking on one saved without learned feature weights learns them
+    from the saved ones."""
+    path, saved, given = given_options(model_args, ranking)
     if saved is None:
         return SpeechLLM(SpeechLLMConfig(**given))
     new_lora = {k: given.pop(k) for k in list(given) if k.startswith("lora_")} if not saved.lora_rank else {}
+    learn_weights = given.pop("learned_rescore_weights", False) and not saved.learned_rescore_weights
     model = SpeechLLM.from_pretrained(path, **given)
     if new_lora.get("lora_rank"):
         model.add_lora(**new_lora)
+    if learn_weights:
+        model.learn_rescore_weights()
     return model
 
 
@@ -190,6 +209,7 @@ class SpeechLLMTrainer(Trainer):
         self,
         *args,
         distill_args: DistillArguments | None = None,
+        ranking_args: RankingArguments | None = None,
         augment_args: AugmentArguments | None = None,
         run_options: dict | None = None,
         encoder_cache_dir: str | None = None,
@@ -209,6 +229,8 @@ class SpeechLLMTrainer(Trainer):
                 self.eval_dataset = CachedAudioDataset(self.eval_dataset, self.encoder_cache)
             self.data_collator = CachingCollator(self.data_collator)
         self.distillation = Distillation(distill_args) if distill_args and distill_args.enabled else None
+        self.ranking = Ranking(ranking_args) if ranking_args and ranking_args.enabled else None
+        self.ranking_args = ranking_args
         self.augment = augment_args if augment_args and augment_args.spec_augment else None
         # mel, mel_frames and audio_tokens have a row per 30 s window, not per clip: a split of the batch along its
         # first dimension would hand a replica other clips' audio once a clip is longer than 30 s.
@@ -256,6 +278,13 @@ class SpeechLLMTrainer(Trainer):
         if self.args.push_to_hub and not _internal_call:  # what Trainer.save_model does after saving
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.ranking is not None:
+            speechllm = self.accelerator.unwrap_model(model or self.model)
+            with_rescore_weights_group(optimizer, speechllm, self.ranking_args.rescore_weights_learning_rate)
+        return optimizer
+
     def _save_optimizer_and_scheduler(self, output_dir: str):
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
@@ -272,6 +301,8 @@ class SpeechLLMTrainer(Trainer):
             inputs = inputs | {"mel": spec_augment(inputs["mel"], inputs["mel_frames"], self.augment)}
         if self.distillation is not None:  # in place of the model, so the Trainer scales the combined loss as its own
             model = functools.partial(self.distillation, model, self.accelerator.unwrap_model(model))
+        if self.ranking is not None:  # the model scores the hypotheses, the ranking loss ranks them
+            model = functools.partial(self.ranking, model)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _encode_and_cache(self, model, inputs: dict) -> dict:
@@ -364,13 +395,21 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     _init_cpu_distributed(argv)
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, ResumeArguments, DistillArguments, AugmentArguments, SpeechTrainingArguments)
+        (
+            ModelArguments,
+            DataArguments,
+            ResumeArguments,
+            DistillArguments,
+            RankingArguments,
+            AugmentArguments,
+            SpeechTrainingArguments,
+        )
     )
     try:
         parsed = parser.parse_args_into_dataclasses(argv)
     except ValueError as error:  # TrainingArguments check their options as they are built
         raise InputError(str(error)) from error
-    model_args, data_args, resume_args, distill_args, augment_args, training_args = parsed
+    model_args, data_args, resume_args, distill_args, ranking_args, augment_args, training_args = parsed
     training_args.remove_unused_columns = False  # our batches are dicts the model reads whole
     if training_args.eval_strategy != "no" and not data_args.eval_data_path:
         raise InputError("--eval_strategy needs --eval_data_path")
@@ -388,18 +427,23 @@ def main(argv: list[str] | None = None):
         SpeechDataset, require_transcript=distill_args.enabled, recase_all_caps=data_args.recase_all_caps
     )
     try:  # the saved model's files (--projector_model_path) are read and checked here, before any model loads
-        config = planned_config(model_args)
+        config = planned_config(model_args, ranking_args.enabled)
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from error
     check_model_options(config, distill_args)
+    ranking_args.check(config, model_args.projector_model_path, training_args.gradient_checkpointing)
     if config.nbest and data_args.encoder_cache_dir:
         raise InputError("--encoder_cache_dir does not combine with --nbest: error correction encodes its own batches")
     train_data = dataset(data_args.data_path)
     eval_data = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
+    if ranking_args.enabled:
+        for data in [d for d in (train_data, eval_data) if d is not None]:
+            check_ranking_data(data)
+        training_args.label_names = ["word_errors"]  # what evaluation's loss needs in a batch
     if training_args.train_sampling_strategy == "group_by_length":
         for data in [d for d in (train_data, eval_data) if d is not None]:
             data.lengths  # the audio headers, read now: one that cannot be read fails before the models load
-    run_options = {**asdict(model_args), **asdict(data_args), **asdict(distill_args)}
+    run_options = {**asdict(model_args), **asdict(data_args), **asdict(distill_args), **asdict(ranking_args)}
     run_options.pop("encoder_cache_dir")  # where the encoder's outputs are kept changes no result
     for name in ("data_path", "eval_data_path"):  # the files, wherever the run is started from
         run_options[name] = run_options[name] and os.path.abspath(run_options[name])
@@ -411,8 +455,12 @@ def main(argv: list[str] | None = None):
         run_options,
     )
     set_seed(training_args.seed)  # before the projector is initialised (the Trainer seeds only after that)
-    model = build_model(model_args)  # after TrainingArguments, so ZeRO-3 partitions the LLM as it loads
-    if model.config.nbest:  # the n-best the jsonl does not cache, decoded once before training
+    model = build_model(model_args, ranking_args.enabled)  # after TrainingArguments: ZeRO-3 partitions the LLM
+    if ranking_args.rescore_weights_only:
+        train_rescore_weights_only(model)
+    if ranking_args.enabled:  # Whisper's scores of the hypotheses computed once, up front
+        collator = ranking_collator(model, [train_data, eval_data], training_args.device)
+    elif model.config.nbest:  # the n-best the jsonl does not cache, decoded once before training
         collator = error_correction_collator(model, [train_data, eval_data], training_args.device)
     else:
         collator = (DistillCollator if distill_args.enabled else Collator)(model.processor)
@@ -423,6 +471,7 @@ def main(argv: list[str] | None = None):
         eval_dataset=eval_data,
         data_collator=collator,
         distill_args=distill_args,
+        ranking_args=ranking_args,
         augment_args=augment_args,
         run_options=run_options,
         encoder_cache_dir=data_args.encoder_cache_dir,

@@ -771,6 +771,48 @@ def test_zero3_distillation_with_lora_takes_the_one_process_steps(tiny, distill_
     assert_same(rank_weights[0], weights(one.args.output_dir), atol=1e-4)
 
 
+# --- training the chooser to rank (speechllm/ranking.py): one process and 2 ZeRO-3 ranks ------------------------------
+
+# The tiny LLM's scores of alike hypotheses lie hundreds of nats apart: a softmax softened this much still moves.
+RANKING = ["--nbest", "3", "--ranking_loss", "mwer", "--ranking_temperature", "100"]
+LORA = ["--lora_rank", "2", "--lora_dropout", "0.0", "--lora_target_modules", "q_proj,v_proj"]
+
+
+@pytest.fixture(scope="module")
+def ranking_data(data):
+    """The same clips, each with a cached n-best: its own text, another line's, its words backwards (2 or 3 distinct
+    hypotheses, so ranks pad answers of other counts and lengths)."""
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    for row, other in zip(rows, TEXTS[1:] + TEXTS[:1]):
+        row["nbest"] = [other, row["txt"], " ".join(row["txt"].split()[::-1])]
+    return write_jsonl(str(Path(data).with_name("ranking.jsonl")), rows)
+
+
+def test_zero3_ranking_with_lora_takes_the_one_process_steps(tiny, ranking_data, tmp_path):
+    """The ranking loss, its prompt pass shared through the KV cache, with LoRA and the feature weights trained:
+    2 ZeRO-3 ranks of batch 2 take the steps of one process of batch 4 (the loss a mean over clips)."""
+    from speechllm.packaged_models import whisper_tiny_en
+
+    def ranking_args(output_dir, *extra):
+        args = train_args(tiny, ranking_data, output_dir, *SEQUENTIAL_SGD, *RANKING, *LORA, *extra)
+        args[args.index("--whisper_model_name_or_path") + 1] = whisper_tiny_en()  # Whisper's scores need its text
+        return args + ["--num_train_epochs", "1", "--save_strategy", "no"]
+
+    one_args = ranking_args(tmp_path / "one")
+    one_args[one_args.index("--per_device_train_batch_size") + 1] = str(BATCH * NPROC)
+    one = train(one_args)
+    args = ranking_args(tmp_path / "zero3", "--deepspeed", str(DS_CONFIG))
+    runs, rank_weights = torchrun(args, tmp_path / "zero3", deepspeed=True)
+    assert [run["steps"] for run in runs] == [list(range(1, STEPS_PER_EPOCH + 1))] * NPROC
+    assert all(run["modules"]["llm"]["zero3"] for run in runs)
+    final = weights(tmp_path / "zero3")
+    assert set(final) == set(one.model.trained_parameters()) >= {"rescore_weights.weight"}
+    assert any(final[k].abs().max() > 0 for k in final if "lora_B" in k), "LoRA's B never left zero"
+    assert not torch.equal(final["rescore_weights.weight"], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]))
+    assert_same(rank_weights[1], rank_weights[0])
+    assert_same(rank_weights[0], weights(one.args.output_dir), atol=1e-4)
+
+
 class OutputDtypes(TrainerCallback):
     """The dtype of the LLM's output layer's results during training: bf16 under autocast, fp32 without."""
 
