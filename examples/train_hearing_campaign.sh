@@ -3,7 +3,9 @@
 # projector + LoRA) trained on, on all of ../shared/data/train (14.12 h), with sentence-cased targets, over one long
 # cosine schedule meant to outlast any one sitting at a machine. Each session continues from the weights committed
 # at the end of the last one (examples/tiny_en_smollm2_campaign/); START=folder picks another starting point.
-# bf16 autocast (where the CPU computes bf16 natively) and length-grouped batches are train.py's defaults.
+# bf16 autocast (where the CPU computes bf16 natively) and length-grouped batches are train.py's defaults; each clip is
+# played at 0.9, 1.0 or 1.1 times its speed (from leg 2 on: against the memorising of leg 1's second epoch). A new leg
+# gives SEED another value, so that its batches are not the last leg's again.
 # Interrupted, the same command resumes from OUT's newest checkpoint; a fresh machine starts a new leg from START.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,7 @@ python train.py \
     --per_device_train_batch_size 8 --weight_decay 0.0 \
     --learning_rate "${LEARNING_RATE:-3e-4}" --lr_scheduler_type cosine --warmup_steps 200 \
     --max_steps "${MAX_STEPS:-10000}" \
-    --use_cpu --logging_steps 10 --save_steps 200 --save_total_limit 3 --report_to none --seed 0 \
+    --speed_perturb 0.9,1.0,1.1 \
+    --use_cpu --logging_steps 10 --save_steps 200 --save_total_limit 3 --report_to none --seed "${SEED:-0}" \
     --output_dir "$OUT" \
     "$@"
