@@ -42,12 +42,16 @@ def file_sha256(folder: str) -> dict[str, str]:
     for name in DIGESTED_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            digest = hashlib.sha256()
-            with open(path, "rb") as file:
-                for chunk in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(chunk)
-            digests[name] = digest.hexdigest()
+            digests[name] = hash_file(hashlib.sha256(), path).hexdigest()
     return digests
+
+
+def hash_file(digest, path: str):
+    """digest (a hashlib object) updated with the file's bytes, read a MiB at a time; returned."""
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
 
 
 def check_saved_model(folder: str):

@@ -18,7 +18,7 @@ from .audio import SAMPLE_RATE, AudioError
 from .data import DataError
 from .errors import InputError, user_errors
 from .gguf_export import WEIGHT_TYPES
-from .hub import SAVED_FILES, pretrained_folder
+from .hub import SAVED_FILES, hash_file, pretrained_folder
 from .inputs import input_seconds, load_input_audio, read_inputs
 from .llama_engine import DEFAULT_WEIGHTS, ENGINES, engine_decoder, import_llama_cpp
 from .llm import MODEL_DTYPES
@@ -196,9 +196,7 @@ def model_identity(folder: str) -> str:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             digest.update(name.encode() + b"\0")
-            with open(path, "rb") as file:
-                for chunk in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(chunk)
+            hash_file(digest, path)
     return digest.hexdigest()
 
 
