@@ -23,12 +23,12 @@ import time
 
 import torch
 
-from speechllm import SpeechLLM
+from speechllm import SpeechLLM, SpeechLLMConfig
 from speechllm.data import load_example_audio, read_jsonl
 from speechllm.metrics import error_rate, format_error_rate, word_errors
 from speechllm.ranking import RANKING_LOSSES, batch_loss, hypothesis_errors
 from speechllm.rescore_features import FEATURES, FeatureWeights
-from speechllm.rescoring import choose, per_clip, score_clips
+from speechllm.rescoring import best_hypothesis, per_clip, score_clips
 
 
 def score_file(model, path, batch_size, limit) -> list[dict]:
@@ -66,12 +66,14 @@ def fit_weights(rows, whisper_weight: float, loss: str, temperature: float, step
     return weights.weight.tolist()
 
 
-def choose_by(row, weights: list[float]) -> str:
-    """The chooser's pick at these feature weights; Whisper's first where there are no features."""
-    if row["features"] is None:
+def choose(row, weights: list[float], min_word_ratio: float) -> str:
+    """The chooser's pick at these weights of the features (FEATURES; two weights: the LLM's and Whisper's sums);
+    Whisper's first where it has no score (several windows)."""
+    if row["whisper"] is None:
         return row["texts"][0]
-    totals = [sum(w * f for w, f in zip(weights, features)) for features in row["features"]]
-    return row["texts"][max(range(len(totals)), key=totals.__getitem__)]
+    features = row["features"] if len(weights) > 2 else zip(row["llm"], row["whisper"])
+    totals = [sum(w * f for w, f in zip(weights, values)) for values in features]
+    return row["texts"][best_hypothesis(row["texts"], totals, min_word_ratio)]
 
 
 def main(argv=None):
@@ -83,6 +85,12 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="only the first N lines of each file")
     parser.add_argument("--scores", help="a json file of the scores: read if it exists, else written")
     parser.add_argument("--nbest", type=int, help="for a recognition model: score Whisper's N-best against the audio")
+    parser.add_argument(
+        "--min_word_ratio",
+        type=float,
+        default=SpeechLLMConfig().rescore_min_word_ratio,
+        help="the chooser's rescore_min_word_ratio (0: any hypothesis may be chosen)",
+    )
     parser.add_argument("--fit", help="one of the data files: learn every feature's weight from its scores")
     parser.add_argument("--fit_loss", choices=list(RANKING_LOSSES), default="mwer")
     parser.add_argument("--fit_temperature", type=float, default=1.0, help="as train.py --ranking_temperature")
@@ -115,7 +123,7 @@ def main(argv=None):
         oracle = [min(r["texts"], key=lambda text: word_errors(r["txt"], text)) for r in rows]
         print(f"{path}: oracle {format_error_rate(error_rate(references, oracle))}")
         for weight in args.weights:
-            chosen = [choose(r["texts"], r["llm"], r["whisper"], weight) for r in rows]
+            chosen = [choose(r, [1.0, weight], args.min_word_ratio) for r in rows]
             changed = sum(text != r["texts"][0] for text, r in zip(chosen, rows))
             result = error_rate(references, chosen)
             print(f"{path}: whisper weight {weight:g}: {format_error_rate(result)}; {changed} clips not the 1-best")
@@ -124,7 +132,7 @@ def main(argv=None):
         weights = fit_weights(scored[args.fit], *fit)
         print(f"weights fitted on {args.fit}: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(FEATURES, weights)))
         for path, rows in scored.items():
-            chosen = [choose_by(row, weights) for row in rows]
+            chosen = [choose(row, weights, args.min_word_ratio) for row in rows]
             changed = sum(text != row["texts"][0] for text, row in zip(chosen, rows))
             result = error_rate([row["txt"] for row in rows], chosen)
             print(f"{path}: fitted weights: {format_error_rate(result)}; {changed} clips not the 1-best")

@@ -26,7 +26,7 @@ from .nbest import DEFAULT_NBEST_PROMPT, decoder_for
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 from .rescore_features import FeatureWeights
-from .rescoring import GER_DECODINGS, score_hypotheses
+from .rescoring import check_error_correction, score_hypotheses
 
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
 STAGING_PREFIX = ".saving-"  # save_pretrained's folder inside the one it saves to, for the files it has not moved in
@@ -61,6 +61,8 @@ class SpeechLLMConfig(PretrainedConfig):
         # (the initial one, where the weights are learned)
         learned_rescore_weights: bool = False,  # "rescore": the weights of the chooser's features (rescore_features.py)
         # are trained to rank (train.py --ranking_loss) and saved with the projector
+        rescore_min_word_ratio: float = 0.8,  # "rescore": a hypothesis of fewer words than this share of Whisper's
+        # first is not chosen (rescoring.py: its beam search ends some early); 0: any may be
         file_sha256: dict | None = None,  # save_pretrained: the sha256 of the weights and generation config saved with
         # this config, which loading checks (hub.check_saved_model)
         **kwargs,
@@ -83,6 +85,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.nbest, self.ger_audio = nbest, ger_audio
         self.ger_decoding, self.rescore_whisper_weight = ger_decoding, rescore_whisper_weight
         self.learned_rescore_weights = learned_rescore_weights
+        self.rescore_min_word_ratio = rescore_min_word_ratio
         self.file_sha256 = file_sha256
         super().__init__(**kwargs)
 
@@ -96,10 +99,7 @@ class SpeechLLM(PreTrainedModel):
 
     def __init__(self, config: SpeechLLMConfig):
         super().__init__(config)
-        if config.ger_decoding not in GER_DECODINGS:
-            raise InputError(f"ger_decoding must be one of {', '.join(GER_DECODINGS)}, not {config.ger_decoding!r}")
-        if config.ger_decoding == "rescore" and not config.nbest:
-            raise InputError("ger_decoding 'rescore' chooses among Whisper's n-best: it needs nbest > 0")
+        check_error_correction(config)
         dtype = torch_dtype(config.model_dtype)
         self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
         self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)

@@ -77,6 +77,13 @@ class RecognizeArguments:
     rescore_whisper_weight: float | None = field(
         default=None, metadata={"help": "rescore: the weight of Whisper's log-probability; default: the saved one"}
     )
+    rescore_min_word_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "rescore: hypotheses of fewer words than this share of Whisper's first are not chosen (0: any "
+            "may be); default: the saved one"
+        },
+    )
     num_beams: int | None = field(
         default=None, metadata={"help": "1 is greedy; default: 4, with --engine llama.cpp 1 (it decodes greedily)"}
     )
@@ -317,6 +324,7 @@ def transcribe_inputs(args: RecognizeArguments, inputs: list[str], state: Partia
                 nbest=args.nbest,
                 ger_decoding=args.ger_decoding,
                 rescore_whisper_weight=args.rescore_whisper_weight,
+                rescore_min_word_ratio=args.rescore_min_word_ratio,
             )
         model.to(state.device)
         if args.llm_int8:

@@ -14,6 +14,11 @@ search ranks by the mean per token. Sums favour short texts, but an n-best's hyp
 dev sums chose better than means (docs/results.md). Whisper scores a text against one 30 s window only, so a clip
 of several windows keeps its first hypothesis.
 
+Nor does a sum see a hypothesis that stops early: Whisper's beam search ends some beams after a word or a few, which
+its mean per token never puts first, but whose short sums, under both models, beat the whole sentence by tens of
+nats. On LibriSpeech-length clips that deleted whole sentences (docs/results.md), so a hypothesis of fewer words than
+config.rescore_min_word_ratio times Whisper's first is not chosen.
+
 That score is the weighted sum of rescore_features.FEATURES at their initial weights; a model trained to rank
 (ranking.py, config.learned_rescore_weights) weighs them all by the weights it learned.
 """
@@ -25,10 +30,25 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
+from .errors import InputError
+from .metrics import wer_words
 from .nbest import error_correction_inputs, fill_missing_nbest, listed_hypotheses, window_features
 from .rescore_features import agreement, feature_matrix
 
 GER_DECODINGS = ("generate", "rescore")
+
+
+def check_error_correction(config):
+    """The config's error-correction settings are ones the model can use."""
+    if config.ger_decoding not in GER_DECODINGS:
+        raise InputError(f"ger_decoding must be one of {', '.join(GER_DECODINGS)}, not {config.ger_decoding!r}")
+    if config.ger_decoding == "rescore" and not config.nbest:
+        raise InputError("ger_decoding 'rescore' chooses among Whisper's n-best: it needs nbest > 0")
+    if not 0 <= config.rescore_min_word_ratio <= 1:
+        raise InputError(
+            f"rescore_min_word_ratio is a share of the first hypothesis' words, in [0, 1], not "
+            f"{config.rescore_min_word_ratio}"
+        )
 
 
 @dataclass
@@ -165,16 +185,6 @@ def whisper_tokenizer(decoder):
     return decoder.decoding_task().tokenizer
 
 
-@torch.no_grad()
-def llm_logprobs(model, audios, prompts, nbest, audio_features=None) -> list[list[float]]:
-    """log P(hypothesis and end of turn | the model's prompt, audio) for each clip's hypotheses in its prompt
-    (audio_features: the encoder's output on the clips' windows, where the model reads those, so it is not rerun)."""
-    shown = [listed_hypotheses(model.config, hypotheses) for hypotheses in nbest]
-    tokenizer = whisper_tokenizer(model.whisper_decoder)
-    batch = hypothesis_batch(model.config, model.processor, tokenizer, audios, prompts, nbest, [None] * len(audios))
-    return per_clip(model(**_on(batch, model.llm.device), audio_features=audio_features).llm_logprobs, shown)
-
-
 def _on(batch: dict, device) -> dict:
     return {k: _on(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items() if v is not None}
 
@@ -196,29 +206,23 @@ def score_clips(model, audios, prompts, nbest) -> tuple[list[list[str]], list[li
     return shown, whisper_scores, model(**_on(batch, model.llm.device), audio_features=shared)
 
 
-def hypothesis_scores(model, audios, prompts, nbest):
-    """Each clip's hypotheses as its prompt shows them, with the LLM's and Whisper's log-probability of each
-    (Whisper's None for a clip of several windows). nbest: cached lists, or None a clip to decode."""
-    shown, whisper_scores, scored = score_clips(model, audios, prompts, nbest)
-    return shown, per_clip(scored.llm_logprobs, shown), whisper_scores
-
-
-def choose(texts: list[str], llm_scores: list[float], whisper_scores: list[float] | None, whisper_weight: float):
-    """The text of highest combined score; without Whisper's scores (several windows), Whisper's first."""
-    if whisper_scores is None:
-        return texts[0]
-    total = [llm + whisper_weight * own for llm, own in zip(llm_scores, whisper_scores)]
-    return texts[max(range(len(texts)), key=total.__getitem__)]
+def best_hypothesis(texts: list[str], scores: list[float], min_word_ratio: float) -> int:
+    """The index of the text of highest score among those of at least min_word_ratio times the first's words (the
+    first always is one)."""
+    least = min_word_ratio * len(wer_words(texts[0]))
+    eligible = [i for i, text in enumerate(texts) if len(wer_words(text)) >= least]
+    return max(eligible, key=scores.__getitem__)
 
 
 def rescore_batch(model, audios, prompts, nbest) -> list[tuple[str, float]]:
     """Each clip's best hypothesis by the model's combined score (rescore_features: at its learned weights, or at
-    rescore_whisper_weight), with the LLM's log-probability of it; a clip of several windows keeps Whisper's first."""
+    rescore_whisper_weight) among those long enough (best_hypothesis), with the LLM's log-probability of it; a clip of
+    several windows keeps Whisper's first."""
     shown, whisper_scores, scored = score_clips(model, audios, prompts, nbest)
     chosen = []
     for texts, own, total, llm in zip(
         shown, whisper_scores, per_clip(scored.scores, shown), per_clip(scored.llm_logprobs, shown)
     ):
-        best = 0 if own is None else max(range(len(texts)), key=total.__getitem__)
+        best = 0 if own is None else best_hypothesis(texts, total, model.config.rescore_min_word_ratio)
         chosen.append((texts[best], llm[best]))
     return chosen

@@ -156,13 +156,18 @@ def test_a_batch_gives_the_loss_and_gradients_of_its_clips_one_at_a_time(chooser
     assert gradients["rescore_weights.weight"].abs().min() > 0  # every feature's weight learns
 
 
+def none_of_it(text: str) -> str:
+    """A hypothesis as long as text (so that the chooser may pick it) that shares none of its words."""
+    return " ".join(["nothing"] * len(text.split()))
+
+
 def test_learned_weights_are_saved_and_choose(chooser, tmp_path):
     """Two choosers that differ only in their learned weights, saved and run through recognize.py: each chooses as
     its weights say (here the agreement's weight alone: the hypothesis most of the n-best agrees with, or least)."""
     from speechllm.recognition import main as recognize
 
     rows = [
-        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [e.txt + " again", "none of it", e.txt]}
+        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [e.txt + " again", none_of_it(e.txt), e.txt]}
         for e in read_jsonl(EXAMPLE_JSONL)
     ]
     jsonl = write_jsonl(str(tmp_path / "cached.jsonl"), rows)
@@ -178,7 +183,7 @@ def test_learned_weights_are_saved_and_choose(chooser, tmp_path):
         recognize(["--projector_model_path", str(tmp_path / str(sign)), jsonl, "--result_path", str(result)])
         chosen[sign] = dict(line.split("\t", 1) for line in result.read_text().splitlines())
     assert chosen[1.0] == {row["key"]: row["txt"] for row in rows}  # in 2 of 3 hypotheses: the most agreed
-    assert chosen[-1.0] == {row["key"]: "none of it" for row in rows}
+    assert chosen[-1.0] == {row["key"]: none_of_it(row["txt"]) for row in rows}
     # Whisper's weight is among the learned ones: a weight given on top would not be used, and is refused
     with pytest.raises(InputError, match="learned its chooser's weights: rescore_whisper_weight would not be used"):
         SpeechLLM.from_pretrained(tmp_path / "1.0", rescore_whisper_weight=5)

@@ -16,9 +16,16 @@ from speechllm.data import load_example_audio, read_jsonl
 from speechllm.encoder import load_whisper_encoder
 from speechllm.errors import InputError
 from speechllm.model import DEFAULT_PROMPT
-from speechllm.nbest import error_correction_inputs, load_whisper_decoder, window_features
+from speechllm.nbest import error_correction_inputs, listed_hypotheses, load_whisper_decoder, window_features
 from speechllm.packaged_models import whisper_tiny_en
-from speechllm.rescoring import choose, hypothesis_scores, llm_logprobs, whisper_logprobs
+from speechllm.rescoring import (
+    best_hypothesis,
+    hypothesis_batch,
+    per_clip,
+    score_clips,
+    whisper_logprobs,
+    whisper_tokenizer,
+)
 from speechllm.whisper_formats import load_whisper_model
 
 EXAMPLE_JSONL = str(Path(__file__).resolve().parents[1] / "examples" / "audio" / "data.jsonl")
@@ -44,6 +51,22 @@ def ger_model(tiny, tiny_en):
         return SpeechLLM(SpeechLLMConfig(**models, **config))
 
     return make
+
+
+def hypothesis_scores(model, audios, nbest):
+    """Each clip's hypotheses as its prompt shows them, with the LLM's and Whisper's log-probabilities of each."""
+    shown, whisper_scores, scored = score_clips(model, audios, [None] * len(audios), nbest)
+    return shown, per_clip(scored.llm_logprobs, shown), whisper_scores
+
+
+@torch.no_grad()
+def llm_logprobs(model, audios, nbest) -> list[list[float]]:
+    """The LLM's log-probabilities of each clip's hypotheses, the model encoding the audio itself (as training to
+    rank does), not handed the windows Whisper's scores were computed from."""
+    tokenizer, none = whisper_tokenizer(model.whisper_decoder), [None] * len(audios)
+    batch = hypothesis_batch(model.config, model.processor, tokenizer, audios, none, nbest, none)
+    shown = [listed_hypotheses(model.config, hypotheses) for hypotheses in nbest]
+    return per_clip(model(**batch).llm_logprobs, shown)
 
 
 def test_whisper_logprob_of_its_greedy_text_is_the_one_it_decoded_with(tiny_en, clips):
@@ -76,8 +99,8 @@ def test_whisper_logprobs_of_a_batch_are_those_of_each_window_alone(tiny_en, cli
 def test_llm_logprob_is_the_training_loss_and_batches_as_one_at_a_time(ger_model, clips):
     model = ger_model()
     audios = clips[:2]
-    together = llm_logprobs(model, audios, [None, None], NBEST)
-    alone = [llm_logprobs(model, [audio], [None], [nbest])[0] for audio, nbest in zip(audios, NBEST)]
+    together = llm_logprobs(model, audios, NBEST)
+    alone = [llm_logprobs(model, [audio], [nbest])[0] for audio, nbest in zip(audios, NBEST)]
     assert [len(scores) for scores in together] == [3, 2]
     np.testing.assert_allclose(np.concatenate(together), np.concatenate(alone), atol=1e-4)
     # the sum of what training's mean cross-entropy averages, on the prompt that shows this clip's n-best
@@ -89,12 +112,15 @@ def test_llm_logprob_is_the_training_loss_and_batches_as_one_at_a_time(ger_model
     assert together[0][1] == pytest.approx(-float(loss) * answer_tokens, rel=1e-4)
 
 
-def test_choice_follows_the_weighted_sum():
-    texts, llm, own = ["a", "b", "c"], [-5.0, -1.0, -3.0], [-1.0, -6.0, -2.0]
-    assert choose(texts, llm, own, 0.0) == "b"  # the LLM alone
-    assert choose(texts, llm, own, 100.0) == "a"  # Whisper alone
-    assert choose(texts, llm, own, 1.0) == "c"  # -6, -7, -5: neither model's own first choice
-    assert choose(texts, llm, None, 0.0) == "a"  # no Whisper score (several windows): Whisper's first
+def test_the_choice_is_the_best_score_among_hypotheses_long_enough():
+    texts = ["the cat sat down here", "the cat sat down", "the cat sat", "the"]
+    scores = [-9.0, -8.0, -7.0, -1.0]  # shorter scores higher, as summed log-probabilities do
+    assert best_hypothesis(texts, scores, 0.0) == 3  # any may be chosen: the one word
+    assert best_hypothesis(texts, scores, 0.8) == 1  # four words of five are enough, three are not
+    assert best_hypothesis(texts, scores, 0.6) == 2
+    assert best_hypothesis(texts, scores, 1.0) == 0
+    assert best_hypothesis(["", "a b"], [-5.0, -1.0], 0.8) == 1  # an empty first rules out nothing
+    assert best_hypothesis(["Yes, yes - yes.", "yes yes"], [-5.0, -1.0], 0.6) == 1  # words as the WER counts them
 
 
 def test_a_rescoring_model_transcribes_with_one_of_whispers_hypotheses(ger_model, clips, tmp_path):
@@ -103,13 +129,15 @@ def test_a_rescoring_model_transcribes_with_one_of_whispers_hypotheses(ger_model
     audios = [*clips[:2], long_clip]
     nbest = [*NBEST, ["first of two windows", "second"]]
     hypotheses = rescoring.decode_batch(audios, nbest=nbest)
-    texts, llm, own = hypothesis_scores(rescoring, audios, [None] * 3, nbest)
-    assert [h.text for h in hypotheses] == [choose(*scores, 0.5) for scores in zip(texts, llm, own)]
+    texts, llm, own = hypothesis_scores(rescoring, audios, nbest)
+    totals = [[a + 0.5 * b for a, b in zip(*scores)] if scores[1] else None for scores in zip(llm, own)]
+    expected = [t[best_hypothesis(t, total, 0.8)] if total else t[0] for t, total in zip(texts, totals)]
+    assert [h.text for h in hypotheses] == expected
     assert own[2] is None and hypotheses[2].text == "first of two windows"
     assert all(h.finished and h.avg_logprob < 0 for h in hypotheses)
     assert hypotheses[0].token_ids == rescoring.tokenizer(hypotheses[0].text, add_special_tokens=False)["input_ids"]
     decoded = rescoring.transcribe(clips[0])  # no cache: Whisper's own n-best, one of which is chosen
-    assert decoded in hypothesis_scores(rescoring, clips[:1], [None], [None])[0][0]
+    assert decoded in hypothesis_scores(rescoring, clips[:1], [None])[0][0]
     rescoring.save_pretrained(tmp_path)
     loaded = SpeechLLM.from_pretrained(tmp_path)
     assert (loaded.config.ger_decoding, loaded.config.rescore_whisper_weight) == ("rescore", 0.5)
@@ -117,6 +145,32 @@ def test_a_rescoring_model_transcribes_with_one_of_whispers_hypotheses(ger_model
         ger_model(ger_decoding="choose")
     with pytest.raises(InputError, match="needs nbest > 0"):
         ger_model(nbest=0, ger_decoding="rescore")
+    with pytest.raises(InputError, match=r"rescore_min_word_ratio .* in \[0, 1\], not 1.5"):
+        ger_model(ger_decoding="rescore", rescore_min_word_ratio=1.5)
+
+
+def test_a_hypothesis_cut_short_is_not_chosen_for_its_short_sum(ger_model, tmp_path):
+    """The defect the length guard removes: a hypothesis of one word sums far fewer negative log-probabilities than
+    the whole sentence, so summed scores choose it; among hypotheses of >= 0.8 x the first's words (the default) the
+    sentence is chosen, and recognize.py --rescore_min_word_ratio 0 brings the old choice back."""
+    from speechllm.recognition import main as recognize
+
+    ger_model(ger_decoding="rescore").save_pretrained(tmp_path / "model")
+    rows = [
+        {"key": e.key, "wav": e.wav, "txt": e.txt, "nbest": [e.txt, e.txt.split()[0]]}
+        for e in read_jsonl(EXAMPLE_JSONL)
+    ]
+    jsonl = write_jsonl(str(tmp_path / "cut.jsonl"), rows)
+    chosen = {}
+    for ratio in (None, "0"):
+        result = tmp_path / f"{ratio}.txt"
+        ratio_option = ["--rescore_min_word_ratio", ratio] if ratio else []
+        recognize(
+            ["--projector_model_path", str(tmp_path / "model"), jsonl, "--result_path", str(result)] + ratio_option
+        )
+        chosen[ratio] = dict(line.split("\t", 1) for line in result.read_text().splitlines())
+    assert chosen[None] == {row["key"]: row["txt"] for row in rows}
+    assert chosen["0"] == {row["key"]: row["nbest"][1] for row in rows}
 
 
 def test_recognize_rescores_on_request_with_the_saved_model_unchanged(ger_model, tmp_path):
@@ -151,7 +205,7 @@ def test_a_recognition_model_chooses_by_the_audio_alone(ger_model, clips, tmp_pa
     """nbest with a prompt that lists no hypotheses is for choosing only: each is scored as the recognition model's
     answer to its own prompt, which generation refuses (it would never see the n-best)."""
     chooser = ger_model(prompt=DEFAULT_PROMPT, ger_decoding="rescore")
-    scores = llm_logprobs(chooser, clips[:1], [None], NBEST[:1])[0]
+    scores = llm_logprobs(chooser, clips[:1], NBEST[:1])[0]
     batch = chooser.processor(clips[:1], [DEFAULT_PROMPT], [NBEST[0][2]])  # the plain recognition prompt
     assert "hello" not in chooser.tokenizer.decode(batch["input_ids"][0])
     with torch.no_grad():
@@ -181,9 +235,9 @@ def test_in_window_mode_each_clip_is_encoded_once_with_the_same_scores(ger_model
     model = ger_model(audio_mode="window")
     encoded = []
     model.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(output)))
-    shown, llm, _ = hypothesis_scores(model, clips[:2], [None, None], NBEST)
+    shown, llm, _ = hypothesis_scores(model, clips[:2], NBEST)
     assert encoded == [2]  # one pass over the two clips' windows, for Whisper and the projector both
-    again = llm_logprobs(model, clips[:2], [None, None], NBEST)  # encoding them itself
+    again = llm_logprobs(model, clips[:2], NBEST)  # encoding them itself
     np.testing.assert_allclose(np.concatenate(llm), np.concatenate(again), atol=1e-4)
 
 
