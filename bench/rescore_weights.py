@@ -67,8 +67,9 @@ def fit_weights(rows, whisper_weight: float, loss: str, temperature: float, step
 
 
 def choose(row, weights: list[float], min_word_ratio: float) -> str:
-    """The chooser's pick at these weights of the features (FEATURES; two weights: the LLM's and Whisper's sums);
-    Whisper's first where it has no score (several windows)."""
+    """The chooser's pick at these weights: of all the features (FEATURES), or two, the LLM's and Whisper's sums
+    alone (a weight sweep, which scores files written before the features also serve); Whisper's first where it has
+    no score (several windows)."""
     if row["whisper"] is None:
         return row["texts"][0]
     features = row["features"] if len(weights) > 2 else zip(row["llm"], row["whisper"])

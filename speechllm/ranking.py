@@ -15,7 +15,8 @@ for which the chooser keeps Whisper's first. Word errors are counted as the WER 
 
 The softmax is over the scores divided by a temperature (--ranking_temperature): alike hypotheses score nats to tens
 of nats apart, where a softmax at 1 is nearly one-hot and gives next to no gradient. The chooser's argmax does not
-depend on it.
+depend on it. The loss ranks all of a clip's hypotheses, those the chooser's length guard (rescore_min_word_ratio)
+never picks too: pushing them down costs nothing where the guard would drop them anyway.
 """
 
 from dataclasses import dataclass, field

@@ -105,10 +105,11 @@ class PartialResults:
     def _changes(self, saved: dict) -> str:
         saved = saved.get("settings") or {}
         names = sorted(saved.keys() | self.settings.keys())
+        shown = lambda settings, k: repr(settings[k]) if k in settings else "(none)"  # noqa: E731
         return ", ".join(
-            f"{k}: {saved.get(k)!r} there, {self.settings.get(k)!r} now"
+            f"{k}: {shown(saved, k)} there, {shown(self.settings, k)} now"
             for k in names
-            if saved.get(k) != self.settings.get(k)
+            if k not in saved or k not in self.settings or saved[k] != self.settings[k]
         )
 
 

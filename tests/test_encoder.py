@@ -27,7 +27,10 @@ def test_a_clip_encodes_the_same_alone_and_in_a_padded_batch(tiny):
     with torch.no_grad():
         alone = encoder(*log_mel_batch([short], 80, pad_frames_to=10))
         whole = encoder.encode(mel, frames)  # the batch at once, padding masked (an accelerator's way)
+        widths, encode = [], encoder.encode
+        encoder.encode = lambda mel, frames: widths.append(mel.shape[-1]) or encode(mel, frames)
         cut = encoder(mel, frames)  # on CPU: each window at its own length
+    assert widths == frames.tolist()  # no padded frame computed
     assert alone.shape[1] < whole.shape[1] and cut.shape == whole.shape
     for batched in (whole, cut):
         torch.testing.assert_close(batched[0, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
