@@ -37,7 +37,7 @@ class WhisperEncoder(whisper.model.AudioEncoder):
         windows of unequal length are encoded one at a time, each cut to its own frames: the same output, without
         computing the batch's padding (up to half of a batch's encoder time); an accelerator runs the batch whole.
         """
-        if mel.device.type == "cpu" and bool(mel_frames.min() < mel_frames.max()):
+        if mel.device.type == "cpu" and len(mel) > 1 and bool(mel_frames.min() < mel_frames.max()):
             cut = [
                 self.encode(mel[i : i + 1, :, :n], mel_frames[i : i + 1])[0] for i, n in enumerate(mel_frames.tolist())
             ]
