@@ -11,6 +11,7 @@ import sys
 import weakref
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -161,6 +162,34 @@ def test_loop_guards_match_transformers_logits_processors():
         expected = NoRepeatNGramLogitsProcessor(3)(ids, expected)[0].numpy()
         np.testing.assert_array_equal(guarded(logits.copy(), generated, 1.7, 3), expected)
     assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3] and banned_ngram_tokens([1, 2], 3) == []
+
+
+# Q8_0's largest error in a block of 32 weights, as a share of the block's largest weight: half a quantisation step,
+# with room for the f16 scale's rounding.
+Q8_0_BLOCK_ERROR = 0.6 / 127
+
+
+def test_q8_0_holds_the_merged_weights(make_model):
+    """Every matrix is stored in Q8_0 blocks within half a step of the f32 file's (which writes the torch path's
+    tokens: a misplaced row, a lost LoRA delta or an unpermuted q/k would be whole weights off), and the engine
+    decodes it."""
+    model = with_lora(make_model, "llama")
+    path, adapter = llm_gguf(model, "q8_0")
+    assert adapter is None
+    expected = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(llm_gguf(model, "f32")[0]).tensors}
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert stored.keys() == expected.keys()
+    for name, weight in expected.items():
+        tensor = stored[name]
+        if weight.ndim == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+            continue
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+        blocks = weight.reshape(-1, 32)
+        error = np.abs(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, 32) - blocks).max(axis=1)
+        assert (error <= Q8_0_BLOCK_ERROR * np.abs(blocks).max(axis=1) + 1e-7).all(), name
+    hypotheses = engine_decoder(model, "llama.cpp", weights="q8_0").decode_batch(clips(), max_new_tokens=4)
+    assert len(hypotheses) == 3 and all(len(h.token_ids) == 4 or h.finished for h in hypotheses)
 
 
 def test_gguf_is_cached_and_remade_when_the_weights_change(make_model, gguf_cache):
