@@ -2,8 +2,9 @@
 # The recipe of the shipped error-correction model (examples/tiny_en_smollm2_ger/): Whisper tiny.en's 5-best and the
 # audio in the prompt of SmolLM2-135M-Instruct, which writes the corrected transcript (Whispering-LLaMA's task).
 #   1. cache Whisper's 5-best of every training clip once (about 1 s of one core a clip; rerun to continue);
-#   2. from the shipped recognition model (its aligned projector and LoRA), train for error correction: --nbest on
-#      a recognition model switches it to the n-best prompt (speechllm/nbest.py);
+#   2. from the shipped recognition model (its aligned projector and LoRA; the shipped run's was stage 2's, before
+#      the hearing campaign), train for error correction: --nbest on a recognition model switches it to the n-best
+#      prompt (speechllm/nbest.py);
 #   3. 200 more steps with the ALL-CAPS targets (speechocean762, LibriSpeech: 82% of train/) read in sentence case
 #      (--recase_all_caps), as Whisper writes its hypotheses, so that copying the best hypothesis is a target the
 #      model can learn. (The shipped run wrote a recased copy of the jsonl instead: the same targets.)
