@@ -37,7 +37,8 @@ from speechllm.recognition import parse as recognize_parse
 
 STEPS = 24
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER = 0.5  # as test_real_models.py: greedy on LJ001-0080 alone
+# as test_real_models.py: greedy on LJ001-0080 alone (its own Q4_1 file + the LoRA adapter: measured 2 errors of 17)
+SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS = 3
 
 
 @pytest.fixture(autouse=True)
@@ -319,7 +320,9 @@ def test_the_shipped_model_writes_the_torch_paths_tokens(tmp_path):
     (clip,) = [n for n, e in enumerate(examples) if e.key == "LJ001-0080"]
     (hypothesis,) = engine_decoder(model, "llama.cpp", weights="gguf").decode_batch([audios[clip]], max_new_tokens=30)
     text = hypothesis.text
-    assert error_rate([examples[clip].txt], [text])["wer"] < SHIPPED_PROJECTOR_ONE_CLIP_MAX_WER, text
+    errors = error_rate([examples[clip].txt], [text])
+    wrong = errors["substitutions"] + errors["deletions"] + errors["insertions"]
+    assert wrong <= SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS, text
 
 
 def test_transcribe_takes_the_engine(make_model):

@@ -23,10 +23,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # 4 word errors of 37 (10.81%; the issue's goal, 10%, is one word fewer). These guards are the measured figures
 # themselves, so a change that costs one word fails; they must come down as the models are trained further.
 SHIPPED_DEMO_MAX_ERRORS = 4
-# Greedy on LJ001-0080 alone, at most 30 tokens: measured 5 errors of 17 (the hearing campaign's step 3,400, shipped
-# for its whole-set figures, 41.35% / 48.88%: "esquemres", "seven hundred and eighty", "message"; step 2,200's: 2,
-# step 800's: 5, session 3's weights: 6). One clip moves between checkpoints; a misloaded projector gets ~17 wrong.
-SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS = 5
+# Greedy on LJ001-0080 alone, at most 30 tokens: measured 2 errors of 17 (the hearing campaign's step 4,600:
+# "esquemres", "mode"; step 3,400's: 5, step 2,200's: 2, step 800's: 5, session 3's weights: 6), one more allowed for
+# a CPU whose float sums break a near tie the other way. A misloaded projector gets ~17 wrong.
+SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS = 3
 
 
 def word_errors(references, hypotheses) -> int:
