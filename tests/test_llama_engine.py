@@ -31,14 +31,14 @@ from speechllm.llama_engine import (
     guarded,
     import_llama_cpp,
 )
-from speechllm.metrics import error_rate
+from speechllm.metrics import word_errors
 from speechllm.recognition import main as recognize_main
 from speechllm.recognition import parse as recognize_parse
 
 STEPS = 24
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # as test_real_models.py: greedy on LJ001-0080 alone (its own Q4_1 file + the LoRA adapter: measured 2 errors of 17)
-SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS = 3
+SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS = 2
 
 
 @pytest.fixture(autouse=True)
@@ -320,9 +320,7 @@ def test_the_shipped_model_writes_the_torch_paths_tokens(tmp_path):
     (clip,) = [n for n, e in enumerate(examples) if e.key == "LJ001-0080"]
     (hypothesis,) = engine_decoder(model, "llama.cpp", weights="gguf").decode_batch([audios[clip]], max_new_tokens=30)
     text = hypothesis.text
-    errors = error_rate([examples[clip].txt], [text])
-    wrong = errors["substitutions"] + errors["deletions"] + errors["insertions"]
-    assert wrong <= SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS, text
+    assert word_errors(examples[clip].txt, text) <= SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS, text
 
 
 def test_transcribe_takes_the_engine(make_model):
