@@ -51,3 +51,12 @@ def fp32_training():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ACCELERATE_MIXED_PRECISION", "no")
         yield
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Each test starts with the session's thread count: bench/speed.py sets torch's for its run (tests call it in
+    process), and a test comparing its decodes with a subprocess's must not depend on which tests ran before it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
