@@ -4,9 +4,10 @@
 
 Each line is written back with its key, its wav made absolute and "nbest" added: Whisper's distinct beam-search
 hypotheses (beam N), best first, exactly as a model trained with --nbest N on the same Whisper weights decodes them
-itself (speechllm/nbest.py). train.py and recognize.py use a line's cached list instead of decoding its clip; a model
-with a smaller N reads the first N. Lines go to OUTPUT.part0 as they are decoded; a rerun with the same options
-continues from there.
+itself (speechllm/nbest.py), and for a clip of one window (30 s) "nbest_logprobs", Whisper's log-probability of each
+(speechllm/rescoring.py), which training a chooser to rank (train.py --ranking_loss) would otherwise compute before
+every run. train.py and recognize.py use a line's cached list instead of decoding its clip; a model with a smaller N
+reads the first N. Lines go to OUTPUT.part0 as they are decoded; a rerun with the same options continues from there.
 """
 
 import argparse
@@ -19,7 +20,8 @@ from tqdm import tqdm
 from speechllm.data import load_example_audio, read_jsonl
 from speechllm.encoder import load_whisper_encoder
 from speechllm.errors import run_command_line
-from speechllm.nbest import decode_nbest, load_whisper_decoder
+from speechllm.nbest import clip_nbest, load_whisper_decoder, window_features
+from speechllm.rescoring import clip_whisper_logprobs
 from speechllm.results import PartialResults, write_whole
 
 
@@ -51,10 +53,14 @@ def main(argv=None):
     progress = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="n-best", unit="clip")
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start : start + args.batch_size]
-        nbest, _ = decode_nbest(encoder, decoder, args.nbest, [load_example_audio(e) for e, _ in chunk])
+        features, counts = window_features(encoder, [load_example_audio(e) for e, _ in chunk], args.device)
+        nbest = clip_nbest(decoder, args.nbest, features, counts)
+        logprobs = clip_whisper_logprobs(decoder, features, counts, nbest)  # None for a clip of several windows
         decoded = [
-            row | {"key": example.key, "wav": example.wav, "nbest": hypotheses}  # wav: absolute
-            for (example, row), hypotheses in zip(chunk, nbest)
+            row
+            | {"key": example.key, "wav": example.wav, "nbest": hypotheses}  # wav: absolute
+            | ({"nbest_logprobs": scores} if scores is not None else {})
+            for (example, row), hypotheses, scores in zip(chunk, nbest, logprobs)
         ]
         partial.add(decoded)
         done |= {row["key"]: row for row in decoded}

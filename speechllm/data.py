@@ -29,6 +29,8 @@ class Example:
     duration: float | None  # seconds, when the jsonl says
     where: str  # "file:line", for error messages
     nbest: list[str] | None = None  # cached Whisper hypotheses, best first, for error correction (nbest.py)
+    # Whisper's cached log-probability of each of them (a clip of one window), so ranking need not score them again
+    nbest_logprobs: list[float] | None = None
     # Whisper's log-probability of each hypothesis the model lists (None: a clip of several windows), computed before
     # training the chooser to rank (ranking.py)
     whisper_logprobs: list[float] | None = None
@@ -81,7 +83,16 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
                 raise DataError(f"{where}: 'duration' must be a number of seconds, not {duration!r}")
             if nbest is not None and not (isinstance(nbest, list) and nbest and all(isinstance(h, str) for h in nbest)):
                 raise DataError(f"{where}: 'nbest' must be a non-empty list of strings")
-            optional = {name: item.get(name) for name in ("txt", "prompt", "transcript", "duration", "nbest")}
+            logprobs = item.get("nbest_logprobs")
+            if logprobs is not None and not (
+                nbest is not None
+                and isinstance(logprobs, list)
+                and len(logprobs) == len(nbest)
+                and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in logprobs)
+            ):
+                raise DataError(f"{where}: 'nbest_logprobs' must be a number for each of 'nbest'")
+            names = ("txt", "prompt", "transcript", "duration", "nbest", "nbest_logprobs")
+            optional = {name: item.get(name) for name in names}
             examples.append(Example(key, wav, **optional, where=where))
     if not examples:
         raise DataError(f"{path}: no examples")

@@ -144,12 +144,20 @@ def hypothesis_errors(reference: str, texts: list[str]) -> list[int]:
 
 def add_whisper_logprobs(model, examples, batch_size: int = 8):
     """Whisper's log-probability of each hypothesis each example's prompt lists (example.whisper_logprobs; None for a
-    clip of several windows), once before training, split across processes: a fixed feature, never trained."""
+    clip of several windows), once before training, split across processes: a fixed feature, never trained. Those
+    the n-best cache holds (nbest_logprobs) are taken from it."""
+    for example in examples:
+        if example.nbest_logprobs is not None:
+            cached = dict(zip(example.nbest, example.nbest_logprobs, strict=True))
+            example.whisper_logprobs = [cached[text] for text in listed_hypotheses(model.config, example.nbest)]
+    todo = [i for i, example in enumerate(examples) if example.nbest_logprobs is None]
+    if not todo:
+        return
     state = PartialState()
     decoder = model.whisper_decoder
     if state.is_main_process:
-        print(f"scoring Whisper's hypotheses of {len(examples)} clips under Whisper, once before training")
-    with state.split_between_processes(list(range(len(examples)))) as mine:
+        print(f"scoring Whisper's hypotheses of {len(todo)} clips under Whisper, once before training")
+    with state.split_between_processes(todo) as mine:
         results = []
         for start in tqdm(range(0, len(mine), batch_size), disable=not state.is_main_process, desc="Whisper scores"):
             chunk = mine[start : start + batch_size]

@@ -228,6 +228,29 @@ def test_ranking_options_that_cannot_work_are_one_line_errors_before_the_models_
     assert "\n" not in str(error.value)
 
 
+def test_whispers_cached_scores_are_taken_as_computed(chooser, clips_jsonl, tmp_path):
+    """A line's nbest_logprobs (make_error_correction_data.py's) stand for Whisper's scores of the hypotheses it
+    lists (distinct, the first N), in their order; lines without them are scored as before."""
+    model = chooser(nbest=2)
+    computed = ranking_items(model, clips_jsonl)
+    rows = [json.loads(line) for line in Path(clips_jsonl).read_text().splitlines()]
+    rows = [row | {"wav": str(Path(clips_jsonl).parent / row["wav"])} for row in rows]  # read from elsewhere
+    first = rows[0]["nbest"]
+    rows[0]["nbest"] = [first[0], first[0] + ".", *first[1:]]  # a spelling the list leaves out, as distinct
+    rows[0]["nbest_logprobs"] = [-1.0, -2.0, -3.0, -4.0]
+    cached = ranking_items(model, write_jsonl(str(tmp_path / "cached.jsonl"), rows))
+    assert cached[0]["whisper_logprobs"] == [-1.0, -3.0]
+    assert [item["whisper_logprobs"] for item in cached[1:]] == [item["whisper_logprobs"] for item in computed[1:]]
+
+
+def test_cached_scores_must_be_one_number_a_hypothesis(tmp_path):
+    row = {"wav": EXAMPLE_JSONL.replace("data.jsonl", "LJ001-0080.opus"), "txt": "a", "nbest": ["a", "b"]}
+    for scores in ([-1.0], [-1.0, "x"], -1.0):
+        jsonl = write_jsonl(str(tmp_path / "bad.jsonl"), [row, row | {"key": "2", "nbest_logprobs": scores}])
+        with pytest.raises(DataError, match=f"^{jsonl}:2: 'nbest_logprobs' must be a number for each of 'nbest'$"):
+            read_jsonl(jsonl)
+
+
 def test_ranking_needs_every_lines_cached_nbest(tiny, tiny_en, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("the models were loaded first"))
     with pytest.raises(DataError, match=f"^{tiny['jsonl']}:1: --ranking_loss needs the line's cached 'nbest'"):

@@ -5,14 +5,19 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from repo_scripts import load_script
 
 from speechllm import AUDIO_PLACEHOLDER
+from speechllm.audio import load_audio
 from speechllm.data import SpeechDataset, read_jsonl
+from speechllm.encoder import load_whisper_encoder
 from speechllm.llm import load_llm
+from speechllm.nbest import load_whisper_decoder, window_features
 from speechllm.packaged_models import whisper_tiny_en
+from speechllm.rescoring import clip_whisper_logprobs
 from speechllm.results import PartialResults
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -42,6 +47,13 @@ def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path, capsy
     for row in rows[:-1]:
         assert 2 <= len(row["nbest"]) <= 4 and len(set(row["nbest"])) == len(row["nbest"])  # distinct beams
     assert SpeechDataset(str(output)).examples[1].nbest == rows[1]["nbest"]
+    # Whisper's score of each hypothesis, as the chooser computes it (one clip at a time here, a batch there)
+    encoder, decoder = load_whisper_encoder(whisper_tiny_en()), load_whisper_decoder(whisper_tiny_en())
+    for row in rows[:-1]:
+        features, counts = window_features(encoder, [load_audio(row["wav"])], "cpu")
+        expected = clip_whisper_logprobs(decoder, features, counts, [row["nbest"]])[0]
+        np.testing.assert_allclose(row["nbest_logprobs"], expected, rtol=1e-4)
+    assert "nbest_logprobs" not in rows[-1]  # the resumed line is kept as it was
 
 
 def test_speech_prompt_data_several_instructions_with_the_llms_answers_and_transcripts(tiny, make_model, tmp_path):
