@@ -189,6 +189,9 @@ def _ct2_to_openai(variables: Dict[str, np.ndarray]) -> StateDict:
 
 def _split_parts(name: str, folders: List[Path]) -> List[Path]:
     """model.bin.part1..N gathered from folders that each hold some of them, in order; all of them or an error."""
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"{name!r}: {folder} is not a folder")
     numbered = [
         (re.fullmatch(r"model\.bin\.part(\d+)", part.name), part) for folder in folders for part in folder.iterdir()
     ]

@@ -101,6 +101,8 @@ def test_a_split_model_missing_a_part_is_refused_by_name(tmp_path):
         load_whisper_checkpoint(second + "+" + str(tmp_path))
     with pytest.raises(ValueError, match="ends at byte .*: a part is missing or cut short"):
         load_whisper_checkpoint(first + "+" + str(tmp_path))  # part 1 alone: nothing says a part 2 exists
+    with pytest.raises(ValueError, match="missing is not a folder"):
+        load_whisper_checkpoint(first + "+" + str(tmp_path / "missing"))
 
 
 def _tiny_hf_config():
