@@ -4,7 +4,8 @@
 # ../shared/data/train with the campaign's data: sentence-cased targets, each clip played at 0.9, 1.0 or 1.1 times
 # its speed. Two stages, as train_tiny_en_smollm2.sh:
 #   1. the projector alone, new (base's features are 512 wide, tiny.en's 384), at a constant rate: a stage cut short
-#      by the end of a sitting loses no schedule, and START1=folder continues it from weights saved in another;
+#      by the end of a sitting loses no schedule, and START1=folder continues it from weights saved in another
+#      (STAGE1_STEPS more, after a new 100-step warm-up: the optimizer state is not saved with the weights);
 #   2. from stage 1, LoRA inside the LLM as well, over one long cosine (the campaign's length).
 # Interrupted, the same command resumes from the newest checkpoint of the stage it was in.
 # STAGE1=folder skips stage 1 and starts stage 2 from that saved model. Arguments go to both stages.
