@@ -107,7 +107,7 @@ def _model_files(name: str, folders: List[Path]) -> List[Path]:
     ]
     parts = {int(match[1]): part for match, part in numbered if match}
     if not parts:
-        raise ValueError(f"{name}: no model.bin nor model.bin.part1..N")
+        raise ValueError(f"{name!r}: no model.bin nor model.bin.part1..N")
     if sorted(parts) != list(range(1, len(parts) + 1)):
         raise ValueError(f"{name!r}: its folders hold model.bin parts {sorted(parts)}, not 1..N")
     return [parts[i] for i in sorted(parts)]

@@ -260,10 +260,16 @@ def test_ctranslate2_quantized_files(hf_whisper, tmp_path, quantization, atol):
         torch.testing.assert_close(model.encoder(features), expected, atol=atol, rtol=0)
 
 
-def test_ctranslate2_reader_streams_parts_and_file_objects(hf_whisper, tmp_path):
+@pytest.fixture
+def ct2_bytes(hf_whisper, tmp_path):
+    """The tiny HF Whisper converted to CTranslate2 (tmp_path/whole) and its model.bin's bytes."""
     _, directory, _ = hf_whisper
     ctranslate2.converters.TransformersConverter(str(directory)).convert(str(tmp_path / "whole"), quantization="int8")
-    data = (tmp_path / "whole" / "model.bin").read_bytes()
+    return (tmp_path / "whole" / "model.bin").read_bytes()
+
+
+def test_ctranslate2_reader_streams_parts_and_file_objects(ct2_bytes, tmp_path):
+    data = ct2_bytes
     split = tmp_path / "split"
     split.mkdir()
     cuts = [0, 7, len(data) // 2, len(data)]  # one cut falls inside the header
@@ -277,3 +283,17 @@ def test_ctranslate2_reader_streams_parts_and_file_objects(hf_whisper, tmp_path)
                 np.testing.assert_array_equal(other[name], value, err_msg=name)
     assert int(whole["encoder/num_heads"]) == 4
     assert whole["decoder/projection/weight"] is whole["decoder/embeddings/weight"]
+
+
+def test_a_folder_missing_a_part_or_any_weights_is_refused_by_name(ct2_bytes, tmp_path):
+    data = ct2_bytes
+    split = tmp_path / "split"
+    split.mkdir()
+    for i, cut in enumerate([data[:7], data[7:100], data[100:]], start=1):
+        (split / f"model.bin.part{i}").write_bytes(cut)
+    (split / "model.bin.part2").unlink()  # a middle part: the stream would otherwise run on into part 3
+    with pytest.raises(ValueError, match=r"split.*parts \[1, 3\], not 1..N"):
+        read_ctranslate2_model(split)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty.*: no model.bin nor model.bin.part1..N"):
+        read_ctranslate2_model(tmp_path / "empty")
