@@ -206,15 +206,16 @@ def ranking_collator(model, datasets, device) -> RankingCollator:
 def with_rescore_weights_group(optimizer, model, learning_rate: float | None):
     """The optimizer with the learned feature weights in a group of their own: their learning rate (None: the
     optimizer's) and no weight decay, which would pull the LLM's and Whisper's weights toward 0. Groups left empty
-    are dropped; an optimizer that has the group already is left as it is."""
-    weight = model.rescore_weights.weight
-    if any(group["params"] == [weight] for group in optimizer.param_groups):
+    are dropped; an optimizer that has the group already is left as it is. The group is known by its tag: with
+    --rescore_weights_only the Trainer's own decay group holds the weights alone, and is not theirs."""
+    if any(group.get("rescore_weights") for group in optimizer.param_groups):
         return optimizer
+    weight = model.rescore_weights.weight
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if p is not weight]
     optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
     own = {"lr": learning_rate} if learning_rate is not None else {}
-    optimizer.add_param_group({"params": [weight], "weight_decay": 0.0, **own})
+    optimizer.add_param_group({"params": [weight], "weight_decay": 0.0, "rescore_weights": True, **own})
     return optimizer
 
 

@@ -311,18 +311,23 @@ def test_weight_bench_fits_the_weights_on_cached_scores(chooser, clips_jsonl, tm
     assert f"{jsonl}: fitted weights: WER 0.00%" in capsys.readouterr().out
 
 
-def test_the_feature_weights_have_their_own_learning_rate(chooser, tiny, tiny_en, clips_jsonl, tmp_path):
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_the_feature_weights_have_their_own_learning_rate(chooser, tiny, tiny_en, clips_jsonl, tmp_path, weights_only):
     """--rescore_weights_learning_rate: the weights move at theirs while the projector, at --learning_rate 0, does not;
-    and no weight decay reaches them (a decay of 1 a step would shrink the LLM's weight by the learning rate)."""
+    and no weight decay reaches them (a decay of 1 a step would shrink the LLM's weight by the learning rate). Also
+    with --rescore_weights_only, where the Trainer's decay group holds the weights alone: before the group was
+    tagged, that group was taken for theirs and they trained at --learning_rate 0 with the decay."""
     chooser(learned_rescore_weights=False).save_pretrained(tmp_path / "saved")
     options = ["--projector_model_path", str(tmp_path / "saved"), "--ranking_loss", "mwer", "--max_steps", "1"]
     options += ["--learning_rate", "0", "--rescore_weights_learning_rate", "0.01", "--weight_decay", "1.0"]
+    options += ["--rescore_weights_only"] if weights_only else []
     options += ["--optim", "sgd", "--ranking_temperature", str(TEMPERATURE), "--save_strategy", "no"]
     trainer = training.main(train_args(tiny, tiny_en, clips_jsonl, tmp_path / "out", *options))
     saved = safetensors.torch.load_file(tmp_path / "saved" / "model.safetensors")
     trained = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(trained[name], saved[name]) for name in saved)
-    (group,) = [g for g in trainer.optimizer.param_groups if g["params"] == [trainer.model.rescore_weights.weight]]
-    assert group["weight_decay"] == 0.0
+    (group,) = [g for g in trainer.optimizer.param_groups if g.get("rescore_weights")]
+    assert group["params"] == [trainer.model.rescore_weights.weight]
+    assert group["weight_decay"] == 0.0 and group["initial_lr"] == 0.01
     moved = trained["rescore_weights.weight"] - torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
     assert moved.abs().min() > 0
