@@ -64,10 +64,11 @@ _log_errors_only = None  # the C callback, made once llama_cpp is imported and k
 
 def engine_decoder(model, engine: str = "torch", weights: str | None = None, threads: int | None = None):
     """What decodes for engine: the model itself ("torch"), or a llama.cpp decoder for it. Both have
-    decode_batch(...)."""
+    decode_batch(...). A chooser (ger_decoding "rescore") is the model itself with either engine: it generates
+    nothing, and scoring Whisper's n-best is torch's, so no GGUF is written or loaded for it."""
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if engine == "torch":
+    if engine == "torch" or model.config.ger_decoding == "rescore":
         return model
     return LlamaCppDecoder(model, weights, threads)
 
@@ -122,8 +123,6 @@ class LlamaCppDecoder:
     ) -> list[Hypothesis]:
         """As SpeechLLM.decode_batch, greedy: num_beams must be 1; options: the loop guards."""
         model = self.model
-        if model.config.ger_decoding == "rescore":  # no generation: scoring Whisper's n-best is torch's
-            return model.decode_batch(audios, prompts, nbest=nbest, with_logprobs=with_logprobs)
         if num_beams != 1:
             raise InputError(
                 f"the llama.cpp engine decodes greedily (num_beams 1, not {num_beams}): beams run in torch"

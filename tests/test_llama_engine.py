@@ -262,6 +262,13 @@ def test_beams_and_unknown_engines_are_user_errors(make_model):
         engine_decoder(model, "llama.cpp", weights="gguf")
 
 
+def test_a_chooser_decodes_in_torch_and_writes_no_gguf(make_model, gguf_cache):
+    """A chooser generates nothing: before, the engine wrote and loaded a merged GGUF of its LLM and never ran it."""
+    model = make_model("llama", nbest=3, ger_decoding="rescore").eval()
+    assert engine_decoder(model, "llama.cpp", weights="f32") is model
+    assert not gguf_cache.exists() or not any(gguf_cache.iterdir())
+
+
 def test_recognize_with_the_engine_writes_what_the_torch_path_writes(make_model, tiny, tmp_path, capsys):
     model = steered(make_model("llama"))
     model.save_pretrained(tmp_path / "model")
