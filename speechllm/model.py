@@ -26,7 +26,7 @@ from .nbest import DEFAULT_NBEST_PROMPT, decoder_for
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 from .rescore_features import FeatureWeights
-from .rescoring import check_error_correction, score_hypotheses
+from .rescoring import CHOOSER_OPTIONS, check_error_correction, score_hypotheses
 
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
 STAGING_PREFIX = ".saving-"  # save_pretrained's folder inside the one it saves to, for the files it has not moved in
@@ -292,6 +292,9 @@ class SpeechLLM(PreTrainedModel):
                 raise ValueError(f"{name!r} is not a SpeechLLMConfig field")
             if value is not None:
                 setattr(config, name, value)
+        unused = [name for name in CHOOSER_OPTIONS if overrides.get(name) is not None]
+        if unused and config.ger_decoding != "rescore":
+            raise InputError(f"{path} does not choose among Whisper's n-best: {', '.join(unused)} would not be used")
         model = cls(config)
         model.load_trained(path)
         if os.path.isfile(os.path.join(path, GENERATION_CONFIG_NAME)):

@@ -36,6 +36,7 @@ from .nbest import error_correction_inputs, fill_missing_nbest, listed_hypothese
 from .rescore_features import agreement, feature_matrix
 
 GER_DECODINGS = ("generate", "rescore")
+CHOOSER_OPTIONS = ("rescore_whisper_weight", "rescore_min_word_ratio")  # config fields only a chooser reads
 
 
 def check_error_correction(config):

@@ -199,6 +199,12 @@ def test_recognize_rescores_on_request_with_the_saved_model_unchanged(ger_model,
     texts = dict(line.split("\t", 1) for line in (tmp_path / "whisper.txt").read_text().splitlines())
     assert texts == {row["key"]: row["txt"] for row in rows}
     assert SpeechLLM.from_pretrained(tmp_path / "model").config.ger_decoding == "generate"
+    # the chooser's options on a model that writes would not be used: refused, here and in recognize.py
+    for option, value in (("rescore_whisper_weight", 5.0), ("rescore_min_word_ratio", 0.5)):
+        with pytest.raises(InputError, match=f"does not choose among Whisper's n-best: {option} would not be used"):
+            SpeechLLM.from_pretrained(tmp_path / "model", **{option: value})
+    with pytest.raises(SystemExit):
+        recognize(["--projector_model_path", str(tmp_path / "model"), jsonl, "--rescore_whisper_weight", "5"])
 
 
 def test_a_recognition_model_chooses_by_the_audio_alone(ger_model, clips, tmp_path):
