@@ -88,9 +88,9 @@ def decode_batch(
 def chosen_hypotheses(model, audios, prompts, nbest) -> list[Hypothesis]:
     """Each clip's hypothesis chosen among Whisper's n-best by the LLM's and Whisper's scores (rescoring.py)."""
     hypotheses = []
-    for text, logprob in rescore_batch(model, audios, prompts, nbest or [None] * len(audios)):
+    for text, avg_logprob in rescore_batch(model, audios, prompts, nbest or [None] * len(audios)):
         ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-        hypotheses.append(Hypothesis(text, ids, True, logprob / (len(ids) + 1)))  # + its end
+        hypotheses.append(Hypothesis(text, ids, True, avg_logprob))
     return hypotheses
 
 

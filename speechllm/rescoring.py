@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 from .errors import InputError
 from .metrics import wer_words
 from .nbest import error_correction_inputs, fill_missing_nbest, listed_hypotheses, window_features
-from .rescore_features import agreement, feature_matrix
+from .rescore_features import FEATURES, agreement, feature_matrix
 
 GER_DECODINGS = ("generate", "rescore")
 CHOOSER_OPTIONS = ("rescore_whisper_weight", "rescore_min_word_ratio")  # config fields only a chooser reads
@@ -217,13 +217,13 @@ def best_hypothesis(texts: list[str], scores: list[float], min_word_ratio: float
 
 def rescore_batch(model, audios, prompts, nbest) -> list[tuple[str, float]]:
     """Each clip's best hypothesis by the model's combined score (rescore_features: at its learned weights, or at
-    rescore_whisper_weight) among those long enough (best_hypothesis), with the LLM's log-probability of it; a clip of
-    several windows keeps Whisper's first."""
+    rescore_whisper_weight) among those long enough (best_hypothesis), with the LLM's mean log-probability of its
+    answer tokens (as scored: the chat template's, the text's and the end of turn); a clip of several windows keeps
+    Whisper's first."""
     shown, whisper_scores, scored = score_clips(model, audios, prompts, nbest)
+    per_token = per_clip(scored.features[:, FEATURES.index("llm_per_token")], shown)
     chosen = []
-    for texts, own, total, llm in zip(
-        shown, whisper_scores, per_clip(scored.scores, shown), per_clip(scored.llm_logprobs, shown)
-    ):
+    for texts, own, total, llm in zip(shown, whisper_scores, per_clip(scored.scores, shown), per_token):
         best = 0 if own is None else best_hypothesis(texts, total, model.config.rescore_min_word_ratio)
         chosen.append((texts[best], llm[best]))
     return chosen

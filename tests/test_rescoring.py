@@ -8,7 +8,7 @@ import pytest
 import torch
 import whisper
 from repo_scripts import load_script
-from tiny_models import write_jsonl
+from tiny_models import CHATML, write_jsonl
 
 from speechllm import NBEST_PLACEHOLDER, SpeechLLM, SpeechLLMConfig
 from speechllm.audio import SAMPLE_RATE
@@ -147,6 +147,27 @@ def test_a_rescoring_model_transcribes_with_one_of_whispers_hypotheses(ger_model
         ger_model(nbest=0, ger_decoding="rescore")
     with pytest.raises(InputError, match=r"rescore_min_word_ratio .* in \[0, 1\], not 1.5"):
         ger_model(ger_decoding="rescore", rescore_min_word_ratio=1.5)
+
+
+def test_a_chosen_texts_avg_logprob_is_over_the_answer_tokens_it_was_scored_on(ger_model, clips):
+    """The LLM's log-probability of the chosen text over the answer tokens it was scored on, which include what the
+    chat template writes before an answer (Qwen3's empty think block); before, it was divided by the text's own
+    tokens + 1."""
+    model = ger_model(ger_decoding="rescore")
+    model.tokenizer.chat_template = CHATML.replace(
+        "{{ m['content'] }}", "{% if m['role'] == 'assistant' %}lead in {% endif %}{{ m['content'] }}"
+    )
+    audios = clips[:2]
+    hypotheses = model.decode_batch(audios, nbest=NBEST)
+    texts, llm, _ = hypothesis_scores(model, audios, NBEST)
+    none = [None] * len(audios)
+    batch = hypothesis_batch(
+        model.config, model.processor, whisper_tokenizer(model.whisper_decoder), audios, none, NBEST, none
+    )
+    lengths = per_clip(batch["hypotheses"]["answer_mask"].sum(-1), texts)
+    chosen = [t.index(h.text) for t, h in zip(texts, hypotheses)]
+    means = [scores[i] / n[i] for scores, n, i in zip(llm, lengths, chosen)]
+    assert [h.avg_logprob for h in hypotheses] == pytest.approx(means, abs=1e-4)
 
 
 def test_a_hypothesis_cut_short_is_not_chosen_for_its_short_sum(ger_model, tmp_path):
