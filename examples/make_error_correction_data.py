@@ -31,6 +31,7 @@ def main(argv=None):
     parser.add_argument("output")
     parser.add_argument("--whisper", required=True, help="any format speechllm loads")
     parser.add_argument("--nbest", type=int, default=5, help="beam size and most hypotheses kept")
+    parser.add_argument("--language", default="en", help="the language Whisper decodes in (a model's whisper_language)")
     parser.add_argument("--batch_size", type=int, default=8, help="clips decoded together")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model_dtype", default="float32", choices=["bfloat16", "float16", "float32"])
@@ -41,7 +42,7 @@ def main(argv=None):
         rows = [json.loads(line) for line in file if line.strip()]
     settings = {
         "input": os.path.abspath(args.input),  # a cached line is the input line with its n-best added
-        **{name: getattr(args, name) for name in ("whisper", "nbest", "model_dtype")},
+        **{name: getattr(args, name) for name in ("whisper", "nbest", "language", "model_dtype")},
     }
     partial = PartialResults(args.output, 0, settings)
     done = partial.done()  # what an interrupted run wrote
@@ -49,7 +50,7 @@ def main(argv=None):
 
     dtype = getattr(torch, args.model_dtype)
     encoder = load_whisper_encoder(args.whisper, dtype).to(args.device)
-    decoder = load_whisper_decoder(args.whisper, dtype).to(args.device)
+    decoder = load_whisper_decoder(args.whisper, dtype, args.language).to(args.device)
     progress = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="n-best", unit="clip")
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start : start + args.batch_size]

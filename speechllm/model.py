@@ -61,6 +61,8 @@ class SpeechLLMConfig(PretrainedConfig):
         # (the initial one, where the weights are learned)
         learned_rescore_weights: bool = False,  # "rescore": the weights of the chooser's features (rescore_features.py)
         # are trained to rank (train.py --ranking_loss) and saved with the projector
+        whisper_language: str = "en",  # with nbest: the language Whisper decodes its n-best in (a code it knows:
+        # "de", "zh", ...; English-only weights decode English alone)
         rescore_min_word_ratio: float = 0.8,  # "rescore": a hypothesis of fewer words than this share of Whisper's
         # first is not chosen (rescoring.py: its beam search ends some early); 0: any may be
         file_sha256: dict | None = None,  # save_pretrained: the sha256 of the weights and generation config saved with
@@ -86,6 +88,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.ger_decoding, self.rescore_whisper_weight = ger_decoding, rescore_whisper_weight
         self.learned_rescore_weights = learned_rescore_weights
         self.rescore_min_word_ratio = rescore_min_word_ratio
+        self.whisper_language = whisper_language
         self.file_sha256 = file_sha256
         super().__init__(**kwargs)
 

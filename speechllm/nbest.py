@@ -40,16 +40,23 @@ class WhisperDecoder(nn.Module):
     num_languages = whisper.model.Whisper.num_languages
     install_kv_cache_hooks = whisper.model.Whisper.install_kv_cache_hooks
 
-    def __init__(self, dims: whisper.model.ModelDimensions):
+    def __init__(self, dims: whisper.model.ModelDimensions, language: str = "en"):
         super().__init__()
-        self.dims = dims
+        self.dims, self.language = dims, language
+        if language not in whisper.tokenizer.LANGUAGES:
+            raise InputError(f"whisper_language must be a code Whisper knows (en, de, zh, ...), not {language!r}")
+        if language != "en" and not self.is_multilingual:
+            raise InputError(f"whisper_language {language!r}: these Whisper weights are English-only")
         self.decoder = whisper.model.TextDecoder(
             dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer
         )
 
     def decoding_task(self, beam_size: int | None = None) -> whisper.decoding.DecodingTask:
-        """openai-whisper's decoding of English text without timestamps: its tokenizer, prompt and token filters."""
-        options = whisper.DecodingOptions(language="en", without_timestamps=True, beam_size=beam_size, fp16=False)
+        """openai-whisper's decoding of text in the decoder's language without timestamps: its tokenizer, prompt and
+        token filters."""
+        options = whisper.DecodingOptions(
+            language=self.language, without_timestamps=True, beam_size=beam_size, fp16=False
+        )
         return whisper.decoding.DecodingTask(self, options)
 
     @torch.no_grad()
@@ -83,14 +90,14 @@ class WhisperDecoder(nn.Module):
         return results
 
 
-def load_whisper_decoder(name_or_path: str, dtype: torch.dtype = torch.float32) -> WhisperDecoder:
-    """Whisper's decoder from any checkpoint format the encoder is read from."""
+def load_whisper_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, language: str = "en") -> WhisperDecoder:
+    """Whisper's decoder from any checkpoint format the encoder is read from, decoding in language."""
     dims, state_dict = load_whisper_checkpoint(name_or_path)
     prefix = "decoder."
     decoder_state = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     if not decoder_state:
         raise ValueError(f"{name_or_path}: no Whisper decoder weights here, and error correction (nbest) needs them")
-    model = WhisperDecoder(dims)
+    model = WhisperDecoder(dims, language)
     model.decoder.load_state_dict(decoder_state, strict=True)
     return model.to(dtype).requires_grad_(False).eval()
 
@@ -103,7 +110,7 @@ def decoder_for(config, dtype: torch.dtype) -> WhisperDecoder | None:
         raise ValueError(f"nbest must be 0 (plain recognition) or the number of hypotheses, not {config.nbest}")
     if config.ger_decoding != "rescore":  # choosing may score the hypotheses against the audio alone (below)
         check_template(config.prompt)
-    return load_whisper_decoder(config.whisper_model_name_or_path, dtype)
+    return load_whisper_decoder(config.whisper_model_name_or_path, dtype, config.whisper_language)
 
 
 def check_template(prompt: str):

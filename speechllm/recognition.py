@@ -66,6 +66,9 @@ class RecognizeArguments:
             "against the audio alone; default: the saved one"
         },
     )
+    whisper_language: str | None = field(
+        default=None, metadata={"help": "error correction: the language Whisper decodes its n-best in; default: saved"}
+    )
     ger_decoding: str | None = field(
         default=None,
         metadata={
@@ -322,6 +325,7 @@ def transcribe_inputs(args: RecognizeArguments, inputs: list[str], state: Partia
                 model_dtype=args.model_dtype,
                 audio_mode=args.audio_mode,
                 nbest=args.nbest,
+                whisper_language=args.whisper_language,
                 ger_decoding=args.ger_decoding,
                 rescore_whisper_weight=args.rescore_whisper_weight,
                 rescore_min_word_ratio=args.rescore_min_word_ratio,

@@ -83,6 +83,9 @@ class ModelArguments:
     )
     nbest: int | None = _option("error correction: Whisper's N-best in the prompt at <nbest> (default 0: plain ASR)")
     ger_audio: bool | None = _option("with --nbest: the audio in the prompt too (default true)")
+    whisper_language: str | None = _option(
+        f"with --nbest: the language Whisper decodes its n-best in (default {_DEFAULTS.whisper_language})"
+    )
     rescore_whisper_weight: float | None = _option(
         "choosing (ger_decoding rescore): the weight of Whisper's log-probability beside the LLM's; with "
         f"--ranking_loss its initial value (default {_DEFAULTS.rescore_whisper_weight})"

@@ -13,10 +13,12 @@ from speechllm import AUDIO_PLACEHOLDER, NBEST_PLACEHOLDER, SpeechLLM, SpeechLLM
 from speechllm.audio import log_mel_batch
 from speechllm.data import DataError, SpeechDataset, read_jsonl
 from speechllm.encoder import load_whisper_encoder
+from speechllm.errors import InputError
 from speechllm.model import DEFAULT_PROMPT
 from speechllm.nbest import (
     DEFAULT_NBEST_PROMPT,
     ErrorCorrectionCollator,
+    WhisperDecoder,
     add_missing_nbest,
     decode_nbest,
     error_correction_batch,
@@ -128,6 +130,20 @@ def test_error_correction_settings_round_trip(make_model, tiny, tmp_path):
         make_model(nbest=2, prompt=f"{AUDIO_PLACEHOLDER}Transcribe.")
     with pytest.raises(ValueError, match="nbest must be"):
         make_model(nbest=-1)
+
+
+def test_whisper_decodes_the_n_best_in_the_configured_language(make_model):
+    """whisper_language reaches Whisper's decoding task (its tokenizer and start sequence); before, every n-best was
+    decoded in English. English-only weights and unknown codes are refused with one line."""
+    multilingual = whisper.model.ModelDimensions(80, 1500, 48, 2, 2, 51865, 16, 48, 2, 1)
+    task = WhisperDecoder(multilingual, "de").decoding_task(beam_size=2)
+    assert task.tokenizer.language == "de"
+    assert task.tokenizer.to_language_token("de") in task.initial_tokens
+    assert WhisperDecoder(multilingual).decoding_task().tokenizer.language == "en"
+    with pytest.raises(InputError, match="whisper_language 'de': these Whisper weights are English-only"):
+        make_model(nbest=3, whisper_language="de")  # the tiny test Whisper's 128-token vocabulary is English-only
+    with pytest.raises(InputError, match="a code Whisper knows .*, not 'deutsch'"):
+        WhisperDecoder(multilingual, "deutsch")
 
 
 def test_nbest_on_a_jsonl_line_is_checked(tiny, tmp_path):
