@@ -5,8 +5,8 @@ LLM's, from one scoring pass, with Whisper's 1-best and the oracle beside them.
         --weights 0 1 2 3 5 10 1000 --scores scores.json
 
 Each line's cached "nbest" is used where there is one (examples/make_error_correction_data.py); Whisper's n-best is
-decoded elsewhere. The scores go to --scores, and a rerun with the same model, data and options reads them instead
-of scoring again.
+decoded elsewhere. The scores go to --scores, and a rerun with the same model, data and options (the same files, not
+only the same paths) reads them instead of scoring again.
 
 --fit FILE learns the weights of all the chooser's features (speechllm/rescore_features.py) from FILE's scores, as
 train.py --ranking_loss --rescore_weights_only would but with nothing rescored (the ranking loss on fixed features),
@@ -17,6 +17,7 @@ and prints them and every file's WER at them; fit on training clips (a --limit o
 """
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -25,8 +26,10 @@ import torch
 
 from speechllm import SpeechLLM, SpeechLLMConfig
 from speechllm.data import load_example_audio, read_jsonl
+from speechllm.hub import hash_file
 from speechllm.metrics import error_rate, format_error_rate, word_errors
 from speechllm.ranking import RANKING_LOSSES, batch_loss, hypothesis_errors
+from speechllm.recognition import model_identity
 from speechllm.rescore_features import FEATURES, FeatureWeights
 from speechllm.rescoring import best_hypothesis, per_clip, score_clips
 
@@ -102,8 +105,11 @@ def main(argv=None):
     if args.fit and args.fit not in args.data:
         parser.error(f"--fit {args.fit} is not among the data files")
 
-    # what the scores depend on: a --scores file of another model or data is refused, not silently reused
-    source = {"model": args.model, "nbest": args.nbest, "limit": args.limit, "data": args.data}
+    # what the scores depend on: a --scores file of another model or data is refused, not silently reused, also
+    # when retrained weights or a rewritten jsonl sit at the same paths
+    data_files = [hash_file(hashlib.sha256(), path).hexdigest() for path in args.data]
+    files = {"model_files": model_identity(args.model), "data_files": data_files}
+    source = {"model": args.model, "nbest": args.nbest, "limit": args.limit, "data": args.data} | files
     if args.scores and os.path.exists(args.scores):
         with open(args.scores, encoding="utf-8") as file:
             saved = json.load(file)

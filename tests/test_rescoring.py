@@ -268,9 +268,10 @@ def test_in_window_mode_each_clip_is_encoded_once_with_the_same_scores(ger_model
     np.testing.assert_allclose(np.concatenate(llm), np.concatenate(again), atol=1e-4)
 
 
-def test_weight_bench_reuses_its_scores_only_for_the_same_model_and_data(ger_model, tmp_path, capsys):
+def test_weight_bench_reuses_its_scores_only_for_the_same_model_and_data(ger_model, tmp_path, capsys, monkeypatch):
     """bench/rescore_weights.py --scores: a rerun with the same arguments reads the file (the model is not loaded
-    again: here it is gone), one with other data is refused rather than answered with the old scores."""
+    again), one with other data, or other weights saved to the same folder, is refused rather than answered with
+    the old scores."""
     bench = load_script("bench/rescore_weights.py")
     ger_model().save_pretrained(tmp_path / "model")
     rows = [
@@ -282,9 +283,15 @@ def test_weight_bench_reuses_its_scores_only_for_the_same_model_and_data(ger_mod
     bench.main(args)
     scored = capsys.readouterr().out
     assert f"{jsonl}: whisper weight 1000: WER 0.00%" in scored
-    for file in (tmp_path / "model").iterdir():
-        file.unlink()
-    bench.main(args)
+    with monkeypatch.context() as patched:
+        patched.setattr(SpeechLLM, "from_pretrained", None)  # loading the model again would fail
+        bench.main(args)
     assert capsys.readouterr().out.splitlines() == [line for line in scored.splitlines() if "clips scored" not in line]
     with pytest.raises(SystemExit, match="scores.json: scored for"):
         bench.main(args + ["--limit", "1"])
+    retrained = ger_model()
+    with torch.no_grad():
+        next(retrained.projector.parameters()).add_(0.01)
+    retrained.save_pretrained(tmp_path / "model")  # other weights, the same folder and config
+    with pytest.raises(SystemExit, match="scores.json: scored for"):
+        bench.main(args)
