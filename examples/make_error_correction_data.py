@@ -6,8 +6,10 @@ Each line is written back with its key, its wav made absolute and "nbest" added:
 hypotheses (beam N), best first, exactly as a model trained with --nbest N on the same Whisper weights decodes them
 itself (speechllm/nbest.py), and for a clip of one window (30 s) "nbest_logprobs", Whisper's log-probability of each
 (speechllm/rescoring.py), which training a chooser to rank (train.py --ranking_loss) would otherwise compute before
-every run. train.py and recognize.py use a line's cached list instead of decoding its clip; a model with a smaller N
-reads the first N. Lines go to OUTPUT.part0 as they are decoded; a rerun with the same options continues from there.
+every run, and "nbest_whisper", the --whisper it was decoded with (ranking refuses those scores for a model of
+another Whisper). train.py and recognize.py use a line's cached list instead of decoding its clip; a model with a
+smaller N reads the first N. Lines go to OUTPUT.part0 as they are decoded; a rerun with the same options continues
+from there.
 """
 
 import argparse
@@ -57,9 +59,9 @@ def main(argv=None):
         features, counts = window_features(encoder, [load_example_audio(e) for e, _ in chunk], args.device)
         nbest = clip_nbest(decoder, args.nbest, features, counts)
         logprobs = clip_whisper_logprobs(decoder, features, counts, nbest)  # None for a clip of several windows
-        decoded = [
+        decoded = [  # wav: absolute
             row
-            | {"key": example.key, "wav": example.wav, "nbest": hypotheses}  # wav: absolute
+            | {"key": example.key, "wav": example.wav, "nbest": hypotheses, "nbest_whisper": args.whisper}
             | ({"nbest_logprobs": scores} if scores is not None else {})
             for (example, row), hypotheses, scores in zip(chunk, nbest, logprobs)
         ]

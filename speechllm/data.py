@@ -31,6 +31,7 @@ class Example:
     nbest: list[str] | None = None  # cached Whisper hypotheses, best first, for error correction (nbest.py)
     # Whisper's cached log-probability of each of them (a clip of one window), so ranking need not score them again
     nbest_logprobs: list[float] | None = None
+    nbest_whisper: str | None = None  # the Whisper weights the cache was decoded and scored with, as named there
     # Whisper's log-probability of each hypothesis the model lists (None: a clip of several windows), computed before
     # training the chooser to rank (ranking.py)
     whisper_logprobs: list[float] | None = None
@@ -91,7 +92,9 @@ def read_jsonl(path: str, require_text: bool = True, require_transcript: bool = 
                 and all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in logprobs)
             ):
                 raise DataError(f"{where}: 'nbest_logprobs' must be a number for each of 'nbest'")
-            names = ("txt", "prompt", "transcript", "duration", "nbest", "nbest_logprobs")
+            if not isinstance(item.get("nbest_whisper", ""), str):
+                raise DataError(f"{where}: 'nbest_whisper' must be the name of the Whisper weights, a string")
+            names = ("txt", "prompt", "transcript", "duration", "nbest", "nbest_logprobs", "nbest_whisper")
             optional = {name: item.get(name) for name in names}
             examples.append(Example(key, wav, **optional, where=where))
     if not examples:

@@ -145,8 +145,15 @@ def hypothesis_errors(reference: str, texts: list[str]) -> list[int]:
 def add_whisper_logprobs(model, examples, batch_size: int = 8):
     """Whisper's log-probability of each hypothesis each example's prompt lists (example.whisper_logprobs; None for a
     clip of several windows), once before training, split across processes: a fixed feature, never trained. Those
-    the n-best cache holds (nbest_logprobs) are taken from it."""
+    the n-best cache holds (nbest_logprobs) are taken from it, if it names no other Whisper (nbest_whisper) than the
+    model's, which decoding will score with."""
+    own = model.config.whisper_model_name_or_path
     for example in examples:
+        if example.nbest_logprobs is not None and example.nbest_whisper not in (None, own):
+            raise DataError(
+                f"{example.where}: 'nbest_logprobs' were scored by Whisper {example.nbest_whisper!r}, this model's is "
+                f"{own!r}: cache the n-best with it, or drop 'nbest_logprobs' to score them anew"
+            )
         if example.nbest_logprobs is not None:
             cached = dict(zip(example.nbest, example.nbest_logprobs, strict=True))
             example.whisper_logprobs = [cached[text] for text in listed_hypotheses(model.config, example.nbest)]

@@ -241,6 +241,13 @@ def test_whispers_cached_scores_are_taken_as_computed(chooser, clips_jsonl, tmp_
     cached = ranking_items(model, write_jsonl(str(tmp_path / "cached.jsonl"), rows))
     assert cached[0]["whisper_logprobs"] == [-1.0, -3.0]
     assert [item["whisper_logprobs"] for item in cached[1:]] == [item["whisper_logprobs"] for item in computed[1:]]
+    # scores cached under the model's Whisper are taken; under another, refused naming the line, not trained on
+    rows[0]["nbest_whisper"] = model.config.whisper_model_name_or_path
+    assert ranking_items(model, write_jsonl(str(tmp_path / "own.jsonl"), rows))[0]["whisper_logprobs"] == [-1.0, -3.0]
+    rows[0]["nbest_whisper"] = "large-v3"
+    other = write_jsonl(str(tmp_path / "other.jsonl"), rows)
+    with pytest.raises(DataError, match=f"^{other}:1: 'nbest_logprobs' were scored by Whisper 'large-v3', this model"):
+        ranking_items(model, other)
 
 
 def test_cached_scores_must_be_one_number_a_hypothesis(tmp_path):

@@ -30,7 +30,7 @@ def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path, capsy
     output = tmp_path / "ger.jsonl"
     last = {"key": references[-1].key, "wav": references[-1].wav, "txt": references[-1].txt, "nbest": ["kept"]}
     args = ["--whisper", whisper_tiny_en(), "--nbest", "4", source, str(output)]
-    settings = {"input": source, "whisper": whisper_tiny_en(), "nbest": 4, "model_dtype": "float32"}
+    settings = {"input": source, "whisper": whisper_tiny_en(), "nbest": 4, "language": "en", "model_dtype": "float32"}
     killed = PartialResults(str(output), 0, settings)
     killed.add([last])
     with open(killed.path, "a") as file:
@@ -53,6 +53,7 @@ def test_error_correction_cache_holds_whispers_nbest_and_resumes(tmp_path, capsy
         features, counts = window_features(encoder, [load_audio(row["wav"])], "cpu")
         expected = clip_whisper_logprobs(decoder, features, counts, [row["nbest"]])[0]
         np.testing.assert_allclose(row["nbest_logprobs"], expected, rtol=1e-4)
+        assert row["nbest_whisper"] == whisper_tiny_en()  # which ranking checks against its model's
     assert "nbest_logprobs" not in rows[-1]  # the resumed line is kept as it was
 
 
