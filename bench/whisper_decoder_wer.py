@@ -9,10 +9,18 @@ import time
 import torch
 import whisper
 
-from speechllm.audio import load_audio
-from speechllm.data import read_jsonl
+from speechllm.audio import SAMPLE_RATE
+from speechllm.data import load_example_audio, read_jsonl
 from speechllm.metrics import error_rate, format_error_rate
 from speechllm.whisper_formats import load_whisper_model
+
+
+def window(example) -> torch.Tensor:
+    """The clip as one 30 s window, which is what this bench decodes: a longer clip is refused, not cut."""
+    audio = load_example_audio(example)
+    if len(audio) > whisper.audio.N_SAMPLES:
+        raise SystemExit(f"{example.where}: {len(audio) / SAMPLE_RATE:.1f} s, over the one 30 s window decoded here")
+    return whisper.pad_or_trim(torch.from_numpy(audio))
 
 
 def main():
@@ -30,9 +38,7 @@ def main():
         examples = read_jsonl(path)
         start, hypotheses = time.time(), []
         for i in range(0, len(examples), args.batch_size):
-            audio = [
-                whisper.pad_or_trim(torch.from_numpy(load_audio(e.wav))) for e in examples[i : i + args.batch_size]
-            ]
+            audio = [window(e) for e in examples[i : i + args.batch_size]]
             mel = torch.stack([whisper.log_mel_spectrogram(a, dims.n_mels) for a in audio])
             with torch.no_grad():
                 hypotheses += [r.text for r in whisper.decode(model, mel, options)]
