@@ -59,7 +59,7 @@ def main(argv=None):
         features, counts = window_features(encoder, [load_example_audio(e) for e, _ in chunk], args.device)
         nbest = clip_nbest(decoder, args.nbest, features, counts)
         logprobs = clip_whisper_logprobs(decoder, features, counts, nbest)  # None for a clip of several windows
-        decoded = [  # wav: absolute
+        decoded = [  # the input line with its key, its wav made absolute and the n-best added
             row
             | {"key": example.key, "wav": example.wav, "nbest": hypotheses, "nbest_whisper": args.whisper}
             | ({"nbest_logprobs": scores} if scores is not None else {})

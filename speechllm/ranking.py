@@ -149,14 +149,15 @@ def add_whisper_logprobs(model, examples, batch_size: int = 8):
     model's, which decoding will score with."""
     own = model.config.whisper_model_name_or_path
     for example in examples:
-        if example.nbest_logprobs is not None and example.nbest_whisper not in (None, own):
+        if example.nbest_logprobs is None:
+            continue
+        if example.nbest_whisper not in (None, own):
             raise DataError(
                 f"{example.where}: 'nbest_logprobs' were scored by Whisper {example.nbest_whisper!r}, this model's is "
                 f"{own!r}: cache the n-best with it, or drop 'nbest_logprobs' to score them anew"
             )
-        if example.nbest_logprobs is not None:
-            cached = dict(zip(example.nbest, example.nbest_logprobs, strict=True))
-            example.whisper_logprobs = [cached[text] for text in listed_hypotheses(model.config, example.nbest)]
+        cached = dict(zip(example.nbest, example.nbest_logprobs, strict=True))
+        example.whisper_logprobs = [cached[text] for text in listed_hypotheses(model.config, example.nbest)]
     todo = [i for i, example in enumerate(examples) if example.nbest_logprobs is None]
     if not todo:
         return
