@@ -8,9 +8,9 @@
 #      (STAGE1_STEPS more, after a new 100-step warm-up: the optimizer state is not saved with the weights);
 #   2. from stage 1, LoRA inside the LLM as well, over one long cosine (the campaign's length).
 # Interrupted, the same command resumes from the newest checkpoint of the stage it was in.
-# STAGE1=folder skips stage 1 and starts stage 2 from that saved model; START2=folder continues stage 2 from saved
-# projector + LoRA weights in another sitting (a new warm-up and cosine of STAGE2_STEPS: the optimizer state is not
-# saved with the weights). Arguments go to both stages.
+# STAGE1=folder skips stage 1 and starts stage 2 from that saved model: a stage-1 projector, or stage 2's projector +
+# LoRA saved in another sitting, which it continues (a new warm-up and cosine of STAGE2_STEPS: the optimizer state is
+# not saved with the weights). Arguments go to both stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Both packaged models by name (speechllm/packaged_models.py): the saved config records them and loads offline.
@@ -25,8 +25,7 @@ COMMON=(
     --use_cpu --report_to none --seed "${SEED:-0}"
 )
 
-STAGE1=${START2:-${STAGE1:-}}
-if [ -z "$STAGE1" ]; then
+if [ -z "${STAGE1:-}" ]; then
     STAGE1=$OUT/stage1
     if [ -n "${START1:-}" ]; then
         PROJECTOR=(--projector_model_path "$START1")
