@@ -26,7 +26,7 @@ from .nbest import DEFAULT_NBEST_PROMPT, decoder_for
 from .processor import AUDIO_PLACEHOLDER, IGNORE_INDEX, Processor
 from .projector import Projector
 from .rescore_features import FeatureWeights
-from .rescoring import CHOOSER_OPTIONS, check_error_correction, score_hypotheses
+from .rescoring import CHOOSER_OPTIONS, check_error_correction, score_hypotheses, second_whisper_for
 
 DEFAULT_PROMPT = AUDIO_PLACEHOLDER + "Transcribe the audio."
 STAGING_PREFIX = ".saving-"  # save_pretrained's folder inside the one it saves to, for the files it has not moved in
@@ -65,6 +65,8 @@ class SpeechLLMConfig(PretrainedConfig):
         # "de", "zh", ...; English-only weights decode English alone)
         rescore_min_word_ratio: float = 0.8,  # "rescore": a hypothesis of fewer words than this share of Whisper's
         # first is not chosen (rescoring.py: its beam search ends some early); 0: any may be
+        second_whisper_model_name_or_path: str | None = None,  # "rescore": a second Whisper, whose n-best joins the
+        # first's and whose log-probabilities are averaged with its (rescoring.SecondWhisper); None or "": none
         file_sha256: dict | None = None,  # save_pretrained: the sha256 of the weights and generation config saved with
         # this config, which loading checks (hub.check_saved_model)
         **kwargs,
@@ -89,6 +91,7 @@ class SpeechLLMConfig(PretrainedConfig):
         self.learned_rescore_weights = learned_rescore_weights
         self.rescore_min_word_ratio = rescore_min_word_ratio
         self.whisper_language = whisper_language
+        self.second_whisper_model_name_or_path = second_whisper_model_name_or_path
         self.file_sha256 = file_sha256
         super().__init__(**kwargs)
 
@@ -107,6 +110,7 @@ class SpeechLLM(PreTrainedModel):
         self.encoder = load_whisper_encoder(config.whisper_model_name_or_path, dtype)
         self.llm, self.tokenizer = load_llm(config.llm_model_name_or_path, dtype)
         self.whisper_decoder = decoder_for(config, dtype)  # error correction only
+        self.second_whisper = second_whisper_for(config, dtype)  # a chooser's, where it has one
         if config.nbest:  # the chooser's weights (rescoring.py): fixed, or trained to rank
             self.rescore_weights = FeatureWeights(config.rescore_whisper_weight, config.learned_rescore_weights)
         dims = {"encoder_dim": self.encoder.dims.n_audio_state, "hidden_size": self.llm.config.hidden_size}

@@ -152,8 +152,16 @@ def distinct_hypotheses(hypotheses: list[str]) -> list[str]:
 
 
 def listed_hypotheses(config, hypotheses: list[str]) -> list[str]:
-    """The hypotheses a prompt lists and a chooser picks from: the model's first N that differ in words."""
-    return distinct_hypotheses(hypotheses)[: config.nbest]
+    """The hypotheses a prompt lists and a chooser picks from: the model's first N that differ in words (2N for a
+    chooser with a second Whisper: joined_nbest's)."""
+    whispers = 2 if config.second_whisper_model_name_or_path else 1
+    return distinct_hypotheses(hypotheses)[: config.nbest * whispers]
+
+
+def joined_nbest(config, first: list[str], second: list[str]) -> list[str]:
+    """A clip's hypotheses from two Whispers: the first's N that differ in words, then those of the second's N that
+    differ from them."""
+    return distinct_hypotheses(distinct_hypotheses(first)[: config.nbest] + distinct_hypotheses(second)[: config.nbest])
 
 
 def shows_nbest(config, template: str) -> bool:

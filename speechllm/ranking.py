@@ -113,6 +113,8 @@ class RankingArguments:
             return
         if not config.nbest:  # which also rules out distillation (training.check_model_options)
             raise InputError("--ranking_loss ranks Whisper's n-best: it needs --nbest (or a model saved with one)")
+        if config.second_whisper_model_name_or_path:
+            raise InputError("--ranking_loss ranks one Whisper's n-best: a second Whisper's is not cached for training")
         if gradient_checkpointing:
             raise InputError(
                 "--ranking_loss shares each clip's prompt pass through the LLM's KV cache, which "

@@ -87,6 +87,13 @@ class RecognizeArguments:
             "may be); default: the saved one"
         },
     )
+    second_whisper_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "rescore: a second Whisper whose n-best joins the first's and whose log-probabilities are "
+            "averaged with its; '' for none; default: the saved one"
+        },
+    )
     num_beams: int | None = field(
         default=None, metadata={"help": "1 is greedy; default: 4, with --engine llama.cpp 1 (it decodes greedily)"}
     )
@@ -329,6 +336,7 @@ def transcribe_inputs(args: RecognizeArguments, inputs: list[str], state: Partia
                 ger_decoding=args.ger_decoding,
                 rescore_whisper_weight=args.rescore_whisper_weight,
                 rescore_min_word_ratio=args.rescore_min_word_ratio,
+                second_whisper_model_name_or_path=args.second_whisper_model_name_or_path,
             )
         model.to(state.device)
         if args.llm_int8:

@@ -2,9 +2,10 @@
 features of each hypothesis, and their weights. A hypothesis' combined score is the weighted sum of its features:
 
     llm                log P_llm(y | prompt, audio), summed over the LLM's answer tokens and its end of turn
-    whisper            log P_whisper(y | x), summed over Whisper's tokens and its end of text
+    whisper            log P_whisper(y | x), summed over Whisper's tokens and its end of text (with a second Whisper,
+                       the mean of the two's: rescoring.SecondWhisper)
     llm_per_token      llm over the number of those LLM tokens
-    whisper_per_token  whisper over the number of those Whisper tokens
+    whisper_per_token  whisper over the number of those Whisper tokens (the first Whisper's)
     agreement          how many of the clip's hypotheses share its words (a bag-of-words ROVER): the mean, over its
                        words, of the share of the clip's hypotheses that hold the word; 0 for a hypothesis of no words
 

@@ -21,22 +21,42 @@ config.rescore_min_word_ratio times Whisper's first is not chosen.
 
 That score is the weighted sum of rescore_features.FEATURES at their initial weights; a model trained to rank
 (ranking.py, config.learned_rescore_weights) weighs them all by the weights it learned.
+
+A chooser may have a second Whisper (config.second_whisper_model_name_or_path, SecondWhisper): two Whispers of
+different sizes err in different places, so its n-best adds hypotheses the first has not (on dev_ood, tiny.en's
+5-best and base's hold the reference for all but 2.4% of the words, tiny.en's alone 3.6%), and log P_whisper(y | x)
+becomes the mean of the two's, both scored against the clip's audio on their own encoders (system combination:
+docs/error_correction.md).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
+from .encoder import load_whisper_encoder
 from .errors import InputError
 from .metrics import wer_words
-from .nbest import error_correction_inputs, fill_missing_nbest, listed_hypotheses, window_features
+from .nbest import (
+    clip_nbest,
+    error_correction_inputs,
+    fill_missing_nbest,
+    joined_nbest,
+    listed_hypotheses,
+    load_whisper_decoder,
+    window_features,
+)
 from .rescore_features import FEATURES, agreement, feature_matrix
 
 GER_DECODINGS = ("generate", "rescore")
-CHOOSER_OPTIONS = ("rescore_whisper_weight", "rescore_min_word_ratio")  # config fields only a chooser reads
+CHOOSER_OPTIONS = (  # config fields only a chooser reads
+    "rescore_whisper_weight",
+    "rescore_min_word_ratio",
+    "second_whisper_model_name_or_path",
+)
 
 
 def check_error_correction(config):
@@ -45,11 +65,29 @@ def check_error_correction(config):
         raise InputError(f"ger_decoding must be one of {', '.join(GER_DECODINGS)}, not {config.ger_decoding!r}")
     if config.ger_decoding == "rescore" and not config.nbest:
         raise InputError("ger_decoding 'rescore' chooses among Whisper's n-best: it needs nbest > 0")
+    if config.second_whisper_model_name_or_path and config.ger_decoding != "rescore":
+        raise InputError("a second Whisper joins a chooser's n-best: it needs ger_decoding 'rescore'")
     if not 0 <= config.rescore_min_word_ratio <= 1:
         raise InputError(
             f"rescore_min_word_ratio is a share of the first hypothesis' words, in [0, 1], not "
             f"{config.rescore_min_word_ratio}"
         )
+
+
+class SecondWhisper(nn.Module):
+    """The chooser's second Whisper, encoder and decoder, frozen: it decodes its own n-best and scores every
+    hypothesis the chooser picks from."""
+
+    def __init__(self, name_or_path: str, dtype: torch.dtype, language: str):
+        super().__init__()
+        self.encoder = load_whisper_encoder(name_or_path, dtype)
+        self.decoder = load_whisper_decoder(name_or_path, dtype, language)
+
+
+def second_whisper_for(config, dtype: torch.dtype) -> SecondWhisper | None:
+    """The second Whisper a chooser's config names (None where it names none)."""
+    name = config.second_whisper_model_name_or_path
+    return SecondWhisper(name, dtype, config.whisper_language) if name else None
 
 
 @dataclass
@@ -195,11 +233,22 @@ def score_clips(model, audios, prompts, nbest) -> tuple[list[list[str]], list[li
     """Each clip's hypotheses as its prompt shows them, Whisper's log-probabilities of them (None for a clip of
     several windows) and the model's HypothesisScores of them all (the clips' in turn). nbest: cached lists, or None
     a clip to decode."""
-    config, decoder = model.config, model.whisper_decoder
-    features, counts = window_features(model.encoder, audios, next(decoder.parameters()).device)
+    config, decoder, second = model.config, model.whisper_decoder, model.second_whisper
+    device = next(decoder.parameters()).device
+    features, counts = window_features(model.encoder, audios, device)
     nbest = fill_missing_nbest(decoder, config.nbest, nbest, features, counts)
+    if second is not None:  # its n-best is never cached: it decodes each clip
+        second_features, _ = window_features(second.encoder, audios, device)
+        second_nbest = clip_nbest(second.decoder, config.nbest, second_features, counts)
+        nbest = [joined_nbest(config, first, other) for first, other in zip(nbest, second_nbest)]
     shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
     whisper_scores = clip_whisper_logprobs(decoder, features, counts, shown)
+    if second is not None:
+        other_scores = clip_whisper_logprobs(second.decoder, second_features, counts, shown)
+        whisper_scores = [
+            None if own is None else [(a + b) / 2 for a, b in zip(own, other)]
+            for own, other in zip(whisper_scores, other_scores)
+        ]
     batch = hypothesis_batch(
         config, model.processor, whisper_tokenizer(decoder), audios, prompts, nbest, whisper_scores
     )

@@ -228,6 +228,19 @@ def test_ranking_options_that_cannot_work_are_one_line_errors_before_the_models_
     assert "\n" not in str(error.value)
 
 
+def test_ranking_refuses_a_chooser_with_a_second_whisper_before_the_models_load(
+    tiny, tiny_en, clips_jsonl, tmp_path, monkeypatch
+):
+    """Its n-best is decoded at choosing time, never cached for training: the ranking would train on other lists."""
+    saved = SpeechLLMConfig(nbest=3, ger_decoding="rescore", second_whisper_model_name_or_path="base")
+    saved.save_pretrained(tmp_path / "chooser")
+    safetensors.torch.save_file({}, str(tmp_path / "chooser" / "model.safetensors"))  # refused before it is read
+    monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("the models were loaded first"))
+    with pytest.raises(InputError, match="a second Whisper's is not cached for training"):
+        chooser = ["--projector_model_path", str(tmp_path / "chooser")]
+        training.main(train_args(tiny, tiny_en, clips_jsonl, tmp_path, *RANKING, *chooser))
+
+
 def test_whispers_cached_scores_are_taken_as_computed(chooser, clips_jsonl, tmp_path):
     """A line's nbest_logprobs (make_error_correction_data.py's) stand for Whisper's scores of the hypotheses it
     lists (distinct, the first N), in their order; lines without them are scored as before."""

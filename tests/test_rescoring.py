@@ -16,10 +16,18 @@ from speechllm.data import load_example_audio, read_jsonl
 from speechllm.encoder import load_whisper_encoder
 from speechllm.errors import InputError
 from speechllm.model import DEFAULT_PROMPT
-from speechllm.nbest import error_correction_inputs, listed_hypotheses, load_whisper_decoder, window_features
-from speechllm.packaged_models import whisper_tiny_en
+from speechllm.nbest import (
+    clip_nbest,
+    error_correction_inputs,
+    joined_nbest,
+    listed_hypotheses,
+    load_whisper_decoder,
+    window_features,
+)
+from speechllm.packaged_models import WHISPER_BASE, whisper_tiny_en
 from speechllm.rescoring import (
     best_hypothesis,
+    clip_whisper_logprobs,
     hypothesis_batch,
     per_clip,
     score_clips,
@@ -256,6 +264,42 @@ def test_a_recognition_model_chooses_by_the_audio_alone(ger_model, clips, tmp_pa
     )
     texts = dict(line.split("\t", 1) for line in result.read_text().splitlines())
     assert all(texts[row["key"]] in row["nbest"] for row in rows)
+
+
+def test_a_second_whispers_nbest_joins_the_firsts_after_it():
+    config = SpeechLLMConfig(nbest=2, second_whisper_model_name_or_path="base")
+    first = ["Hello world.", "hello, world", "yellow world", "hollow world"]  # two spellings of one, then two more
+    second = ["Hello world!", "hello word", "hollow world", "mellow world"]
+    joined = joined_nbest(config, first, second)
+    assert joined == ["Hello world.", "yellow world", "hello word"]  # each Whisper's first 2 that differ in words
+    assert listed_hypotheses(config, joined) == joined  # a chooser with two Whispers lists up to 2 * nbest
+    assert listed_hypotheses(SpeechLLMConfig(nbest=2), joined) == joined[:2]
+
+
+def test_a_chooser_with_a_second_whisper_picks_among_both_nbests_by_both_scores(ger_model, clips, tiny_en, tmp_path):
+    """Whisper base as the second: the hypotheses are tiny.en's n-best joined with base's, each decoded on its own
+    encoder, Whisper's score of each the mean of the two's, and the choice the best total among them."""
+    second = WHISPER_BASE
+    chooser = ger_model(prompt=DEFAULT_PROMPT, ger_decoding="rescore", second_whisper_model_name_or_path=second)
+    audios = clips[:2]
+    texts, llm, mean = hypothesis_scores(chooser, audios, [None, None])
+    own = {}
+    for name in (tiny_en, second):
+        decoder = load_whisper_decoder(name)
+        features, counts = window_features(load_whisper_encoder(name), audios, "cpu")
+        own[name] = (clip_nbest(decoder, 3, features, counts), clip_whisper_logprobs(decoder, features, counts, texts))
+    assert texts == [joined_nbest(chooser.config, a, b) for a, b in zip(own[tiny_en][0], own[second][0])]
+    assert any(len(t) > len(listed_hypotheses(SpeechLLMConfig(nbest=3), n)) for t, n in zip(texts, own[tiny_en][0]))
+    for clip_mean, a, b in zip(mean, own[tiny_en][1], own[second][1]):
+        np.testing.assert_allclose(clip_mean, (np.array(a) + np.array(b)) / 2, atol=1e-3)
+    weight = chooser.config.rescore_whisper_weight
+    expected = [t[best_hypothesis(t, [x + weight * y for x, y in zip(*s)], 0.8)] for t, *s in zip(texts, llm, mean)]
+    assert [h.text for h in chooser.decode_batch(audios)] == expected
+    chooser.save_pretrained(tmp_path / "chooser")
+    assert SpeechLLM.from_pretrained(tmp_path / "chooser").second_whisper is not None
+    assert SpeechLLM.from_pretrained(tmp_path / "chooser", second_whisper_model_name_or_path="").second_whisper is None
+    with pytest.raises(InputError, match="a second Whisper joins a chooser's n-best: it needs ger_decoding 'rescore'"):
+        ger_model(second_whisper_model_name_or_path=second)
 
 
 def test_in_window_mode_each_clip_is_encoded_once_with_the_same_scores(ger_model, clips):
