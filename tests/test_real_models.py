@@ -19,10 +19,10 @@ from speechllm.quantization import quantize_llm_int8
 
 SMOLLM2_GGUF = smollm2_gguf()  # installed by the README's install command: these tests run in CI
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# The demo runs the recognition model choosing among Whisper's 5-best (docs/results.md): measured in eval mode,
-# 4 word errors of 37 (10.81%; the goal, 10%, is one word fewer). These guards are the measured figures
-# themselves, so a change that costs one word fails; they must come down as the models are trained further.
-SHIPPED_DEMO_MAX_ERRORS = 4
+# The demo runs the recognition model choosing among Whisper tiny.en's and base's 5-best (docs/results.md): measured
+# in eval mode, 3 word errors of 37 (8.11%, Whisper tiny.en's own; with tiny.en's 5-best alone: 4). These guards are
+# the measured figures themselves, so a change that costs one word fails; they must come down as the models improve.
+SHIPPED_DEMO_MAX_ERRORS = 3
 # Greedy on LJ001-0080 alone, at most 30 tokens: measured 2 errors of 17 (the hearing campaign's step 4,600:
 # "esquemres", "mode"; step 3,400's: 5, step 2,200's: 2, step 800's: 5, session 3's weights: 6). A misloaded
 # projector gets ~17 wrong.
