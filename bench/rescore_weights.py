@@ -12,8 +12,8 @@ only the same paths) reads them instead of scoring again.
 train.py --ranking_loss --rescore_weights_only would but with nothing rescored (the ranking loss on fixed features),
 and prints them and every file's WER at them; fit on training clips (a --limit of them), not on the files reported:
 
-    python bench/rescore_weights.py examples/tiny_en_smollm2_rescore train_nbest.jsonl dev_nbest.jsonl \
-        dev_ood_nbest.jsonl --limit 400 --fit train_nbest.jsonl --fit_temperature 10 --scores scores.json
+    python bench/rescore_weights.py examples/tiny_en_smollm2 train_nbest.jsonl dev_nbest.jsonl dev_ood_nbest.jsonl \
+        --nbest 5 --limit 400 --fit train_nbest.jsonl --fit_temperature 10 --scores scores.json
 """
 
 import argparse

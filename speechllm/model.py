@@ -299,7 +299,7 @@ class SpeechLLM(PreTrainedModel):
                 raise ValueError(f"{name!r} is not a SpeechLLMConfig field")
             if value is not None:
                 setattr(config, name, value)
-        unused = [name for name in CHOOSER_OPTIONS if overrides.get(name) is not None]
+        unused = [name for name in CHOOSER_OPTIONS if overrides.get(name) not in (None, "")]  # "": no second Whisper
         if unused and config.ger_decoding != "rescore":
             raise InputError(f"{path} does not choose among Whisper's n-best: {', '.join(unused)} would not be used")
         model = cls(config)

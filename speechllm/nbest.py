@@ -174,8 +174,8 @@ def shows_nbest(config, template: str) -> bool:
 
 
 def error_correction_inputs(config, audios, prompts, nbest):
-    """What the Processor gets for a GER model: prompts with each clip's first N hypotheses that differ in words
-    (where the prompt lists them), audio only if used."""
+    """What the Processor gets for a GER model: prompts with each clip's listed_hypotheses (where the prompt lists
+    them), audio only if used."""
     templates = [prompt or config.prompt for prompt in prompts]
     prompts = [
         render_prompt(template, listed_hypotheses(config, hypotheses)) if shows_nbest(config, template) else template

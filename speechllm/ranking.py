@@ -114,7 +114,10 @@ class RankingArguments:
         if not config.nbest:  # which also rules out distillation (training.check_model_options)
             raise InputError("--ranking_loss ranks Whisper's n-best: it needs --nbest (or a model saved with one)")
         if config.second_whisper_model_name_or_path:
-            raise InputError("--ranking_loss ranks one Whisper's n-best: a second Whisper's is not cached for training")
+            raise InputError(
+                "--ranking_loss ranks one Whisper's n-best, and a second Whisper's is not cached for training: "
+                "give --second_whisper_model_name_or_path ''"
+            )
         if gradient_checkpointing:
             raise InputError(
                 "--ranking_loss shares each clip's prompt pass through the LLM's KV cache, which "

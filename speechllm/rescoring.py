@@ -49,6 +49,7 @@ from .nbest import (
     load_whisper_decoder,
     window_features,
 )
+from .processor import NBEST_PLACEHOLDER
 from .rescore_features import FEATURES, agreement, feature_matrix
 
 GER_DECODINGS = ("generate", "rescore")
@@ -65,8 +66,16 @@ def check_error_correction(config):
         raise InputError(f"ger_decoding must be one of {', '.join(GER_DECODINGS)}, not {config.ger_decoding!r}")
     if config.ger_decoding == "rescore" and not config.nbest:
         raise InputError("ger_decoding 'rescore' chooses among Whisper's n-best: it needs nbest > 0")
-    if config.second_whisper_model_name_or_path and config.ger_decoding != "rescore":
-        raise InputError("a second Whisper joins a chooser's n-best: it needs ger_decoding 'rescore'")
+    if config.second_whisper_model_name_or_path:
+        if config.ger_decoding != "rescore":
+            raise InputError(
+                "a second Whisper joins a chooser's n-best: it needs ger_decoding 'rescore' (or "
+                "second_whisper_model_name_or_path '' to write)"
+            )
+        if NBEST_PLACEHOLDER in config.prompt:
+            raise InputError("a second Whisper doubles the n-best, which a prompt that lists it was not trained on")
+        if config.learned_rescore_weights:
+            raise InputError("the chooser's weights were learned on one Whisper's features: a second would change them")
     if not 0 <= config.rescore_min_word_ratio <= 1:
         raise InputError(
             f"rescore_min_word_ratio is a share of the first hypothesis' words, in [0, 1], not "
@@ -237,18 +246,21 @@ def score_clips(model, audios, prompts, nbest) -> tuple[list[list[str]], list[li
     device = next(decoder.parameters()).device
     features, counts = window_features(model.encoder, audios, device)
     nbest = fill_missing_nbest(decoder, config.nbest, nbest, features, counts)
-    if second is not None:  # its n-best is never cached: it decodes each clip
-        second_features, _ = window_features(second.encoder, audios, device)
-        second_nbest = clip_nbest(second.decoder, config.nbest, second_features, counts)
-        nbest = [joined_nbest(config, first, other) for first, other in zip(nbest, second_nbest)]
+    # The second Whisper decodes (never from a cache) and scores the clips of one window alone: a longer clip keeps
+    # the first's first hypothesis, as Whisper scores a text against one window.
+    single = [i for i, count in enumerate(counts) if count == 1] if second is not None else []
+    if single:
+        second_features, _ = window_features(second.encoder, [audios[i] for i in single], device)
+        for i, other in zip(single, clip_nbest(second.decoder, config.nbest, second_features, [1] * len(single))):
+            nbest[i] = joined_nbest(config, nbest[i], other)
     shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
     whisper_scores = clip_whisper_logprobs(decoder, features, counts, shown)
-    if second is not None:
-        other_scores = clip_whisper_logprobs(second.decoder, second_features, counts, shown)
-        whisper_scores = [
-            None if own is None else [(a + b) / 2 for a, b in zip(own, other)]
-            for own, other in zip(whisper_scores, other_scores)
-        ]
+    if single:
+        other_scores = clip_whisper_logprobs(
+            second.decoder, second_features, [1] * len(single), [shown[i] for i in single]
+        )
+        for i, other in zip(single, other_scores):
+            whisper_scores[i] = [(a + b) / 2 for a, b in zip(whisper_scores[i], other)]
     batch = hypothesis_batch(
         config, model.processor, whisper_tokenizer(decoder), audios, prompts, nbest, whisper_scores
     )

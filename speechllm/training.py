@@ -86,6 +86,9 @@ class ModelArguments:
     whisper_language: str | None = _option(
         f"with --nbest: the language Whisper decodes its n-best in (default {_DEFAULTS.whisper_language})"
     )
+    second_whisper_model_name_or_path: str | None = _option(
+        "choosing: a second Whisper whose n-best joins the first's ('' for none: training to rank needs none)"
+    )
     rescore_whisper_weight: float | None = _option(
         "choosing (ger_decoding rescore): the weight of Whisper's log-probability beside the LLM's; with "
         f"--ranking_loss its initial value (default {_DEFAULTS.rescore_whisper_weight})"

@@ -239,6 +239,9 @@ def test_ranking_refuses_a_chooser_with_a_second_whisper_before_the_models_load(
     with pytest.raises(InputError, match="a second Whisper's is not cached for training"):
         chooser = ["--projector_model_path", str(tmp_path / "chooser")]
         training.main(train_args(tiny, tiny_en, clips_jsonl, tmp_path, *RANKING, *chooser))
+    with pytest.raises(pytest.fail.Exception, match="the models were loaded first"):  # "": none, so it may rank
+        none = ["--second_whisper_model_name_or_path", ""]
+        training.main(train_args(tiny, tiny_en, clips_jsonl, tmp_path, *RANKING, *chooser, *none))
 
 
 def test_whispers_cached_scores_are_taken_as_computed(chooser, clips_jsonl, tmp_path):

@@ -280,9 +280,13 @@ def test_a_chooser_with_a_second_whisper_picks_among_both_nbests_by_both_scores(
     """Whisper base as the second: the hypotheses are tiny.en's n-best joined with base's, each decoded on its own
     encoder, Whisper's score of each the mean of the two's, and the choice the best total among them."""
     second = WHISPER_BASE
-    chooser = ger_model(prompt=DEFAULT_PROMPT, ger_decoding="rescore", second_whisper_model_name_or_path=second)
+    two_whispers = {"second_whisper_model_name_or_path": second}
+    chooser = ger_model(prompt=DEFAULT_PROMPT, ger_decoding="rescore", **two_whispers)
+    long_clip = np.concatenate([clips[0]] * int(np.ceil(31 * SAMPLE_RATE / len(clips[0]))))  # two windows
+    texts, llm, mean = hypothesis_scores(chooser, [*clips[:2], long_clip], [None, None, ["first of two", "second"]])
+    # a clip of several windows: the second Whisper neither decodes nor scores it, the first's first is kept
+    assert (texts.pop(), mean.pop(), llm.pop() is not None) == (["first of two", "second"], None, True)
     audios = clips[:2]
-    texts, llm, mean = hypothesis_scores(chooser, audios, [None, None])
     own = {}
     for name in (tiny_en, second):
         decoder = load_whisper_decoder(name)
@@ -300,6 +304,12 @@ def test_a_chooser_with_a_second_whisper_picks_among_both_nbests_by_both_scores(
     assert SpeechLLM.from_pretrained(tmp_path / "chooser", second_whisper_model_name_or_path="").second_whisper is None
     with pytest.raises(InputError, match="a second Whisper joins a chooser's n-best: it needs ger_decoding 'rescore'"):
         ger_model(second_whisper_model_name_or_path=second)
+    with pytest.raises(InputError, match="a prompt that lists it was not trained on"):  # the default n-best prompt
+        ger_model(ger_decoding="rescore", second_whisper_model_name_or_path=second)
+    with pytest.raises(InputError, match="learned on one Whisper's features"):
+        ger_model(prompt=DEFAULT_PROMPT, ger_decoding="rescore", learned_rescore_weights=True, **two_whispers)
+    ger_model(nbest=0).save_pretrained(tmp_path / "writer")  # "" (none) is no chooser's option given to a writer
+    assert SpeechLLM.from_pretrained(tmp_path / "writer", second_whisper_model_name_or_path="").second_whisper is None
 
 
 def test_in_window_mode_each_clip_is_encoded_once_with_the_same_scores(ger_model, clips):
