@@ -41,7 +41,7 @@ from .encoder import load_whisper_encoder
 from .errors import InputError
 from .metrics import wer_words
 from .nbest import (
-    clip_nbest,
+    decode_nbest,
     error_correction_inputs,
     fill_missing_nbest,
     joined_nbest,
@@ -250,16 +250,15 @@ def score_clips(model, audios, prompts, nbest) -> tuple[list[list[str]], list[li
     # the first's first hypothesis, as Whisper scores a text against one window.
     single = [i for i, count in enumerate(counts) if count == 1] if second is not None else []
     if single:
-        second_features, _ = window_features(second.encoder, [audios[i] for i in single], device)
-        for i, other in zip(single, clip_nbest(second.decoder, config.nbest, second_features, [1] * len(single))):
+        second_nbest, second_features = decode_nbest(
+            second.encoder, second.decoder, config.nbest, [audios[i] for i in single]
+        )
+        for i, other in zip(single, second_nbest):
             nbest[i] = joined_nbest(config, nbest[i], other)
     shown = [listed_hypotheses(config, hypotheses) for hypotheses in nbest]
     whisper_scores = clip_whisper_logprobs(decoder, features, counts, shown)
-    if single:
-        other_scores = clip_whisper_logprobs(
-            second.decoder, second_features, [1] * len(single), [shown[i] for i in single]
-        )
-        for i, other in zip(single, other_scores):
+    if single:  # one window a clip: a row of second_features each
+        for i, other in zip(single, whisper_logprobs(second.decoder, second_features, [shown[i] for i in single])):
             whisper_scores[i] = [(a + b) / 2 for a, b in zip(whisper_scores[i], other)]
     batch = hypothesis_batch(
         config, model.processor, whisper_tokenizer(decoder), audios, prompts, nbest, whisper_scores
