@@ -97,7 +97,10 @@ def load_whisper_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
     decoder_state = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     if not decoder_state:
         raise ValueError(f"{name_or_path}: no Whisper decoder weights here, and error correction (nbest) needs them")
-    model = WhisperDecoder(dims, language)
+    try:
+        model = WhisperDecoder(dims, language)
+    except InputError as error:  # name the weights: a chooser may load two Whispers
+        raise InputError(f"{name_or_path}: {error}") from None
     model.decoder.load_state_dict(decoder_state, strict=True)
     return model.to(dtype).requires_grad_(False).eval()
 
@@ -121,10 +124,14 @@ def check_template(prompt: str):
         )
 
 
+SECOND_WHISPER_LISTED = "a second Whisper doubles the n-best, which a prompt that lists it was not trained on"
+
+
 def check_task_prompt(config, prompt: str):
-    """A prompt fits the model's task (config: nbest and ger_decoding): <speech> once, and <nbest> once for error
-    correction (at most once for a model that only chooses), never for plain recognition, which has no hypotheses to
-    write there (its LLM would read "<nbest>" as text). Checked before the models load."""
+    """A prompt fits the model's task (config: nbest, ger_decoding and second_whisper_model_name_or_path): <speech>
+    once, and <nbest> once for error correction (at most once for a model that only chooses, and never beside a
+    second Whisper), never for plain recognition, which has no hypotheses to write there (its LLM would read
+    "<nbest>" as text). Checked before the models load."""
     check_prompt(prompt)
     if not config.nbest:
         if NBEST_PLACEHOLDER in prompt:
@@ -133,6 +140,8 @@ def check_task_prompt(config, prompt: str):
             )
     elif config.ger_decoding != "rescore" or NBEST_PLACEHOLDER in prompt:
         check_template(prompt)
+        if config.second_whisper_model_name_or_path:
+            raise InputError(SECOND_WHISPER_LISTED)
 
 
 def render_prompt(template: str, hypotheses: list[str]) -> str:

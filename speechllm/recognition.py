@@ -237,7 +237,7 @@ def saved_task(args: RecognizeArguments) -> tuple[str, SpeechLLMConfig]:
     """The saved model's folder and its config with this run's task options, read without loading any model."""
     folder, _ = pretrained_folder(args.projector_model_path, {})
     config = SpeechLLMConfig.from_pretrained(folder)
-    for name in ("nbest", "ger_decoding"):
+    for name in ("nbest", "ger_decoding", "second_whisper_model_name_or_path"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return folder, config

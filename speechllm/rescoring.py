@@ -41,6 +41,7 @@ from .encoder import load_whisper_encoder
 from .errors import InputError
 from .metrics import wer_words
 from .nbest import (
+    SECOND_WHISPER_LISTED,
     decode_nbest,
     error_correction_inputs,
     fill_missing_nbest,
@@ -73,7 +74,7 @@ def check_error_correction(config):
                 "second_whisper_model_name_or_path '' to write)"
             )
         if NBEST_PLACEHOLDER in config.prompt:
-            raise InputError("a second Whisper doubles the n-best, which a prompt that lists it was not trained on")
+            raise InputError(SECOND_WHISPER_LISTED)
         if config.learned_rescore_weights:
             raise InputError("the chooser's weights were learned on one Whisper's features: a second would change them")
     if not 0 <= config.rescore_min_word_ratio <= 1:

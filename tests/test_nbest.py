@@ -1,6 +1,7 @@
 """Error correction (speechllm/nbest.py): Whisper's n-best in the prompt, cached or decoded, with or without audio."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,15 +133,17 @@ def test_error_correction_settings_round_trip(make_model, tiny, tmp_path):
         make_model(nbest=-1)
 
 
-def test_whisper_decodes_the_n_best_in_the_configured_language(make_model):
+def test_whisper_decodes_the_n_best_in_the_configured_language(make_model, tiny):
     """whisper_language reaches Whisper's decoding task (its tokenizer and start sequence); before, every n-best was
-    decoded in English. English-only weights and unknown codes are refused with one line."""
+    decoded in English. English-only weights are refused with one line that names them (a chooser may load two
+    Whispers), unknown codes with one line."""
     multilingual = whisper.model.ModelDimensions(80, 1500, 48, 2, 2, 51865, 16, 48, 2, 1)
     task = WhisperDecoder(multilingual, "de").decoding_task(beam_size=2)
     assert task.tokenizer.language == "de"
     assert task.tokenizer.to_language_token("de") in task.initial_tokens
     assert WhisperDecoder(multilingual).decoding_task().tokenizer.language == "en"
-    with pytest.raises(InputError, match="whisper_language 'de': these Whisper weights are English-only"):
+    english_only = f"^{re.escape(str(tiny['whisper']))}: whisper_language 'de': these Whisper weights are English-only$"
+    with pytest.raises(InputError, match=english_only):
         make_model(nbest=3, whisper_language="de")  # the tiny test Whisper's 128-token vocabulary is English-only
     with pytest.raises(InputError, match="a code Whisper knows .*, not 'deutsch'"):
         WhisperDecoder(multilingual, "deutsch")

@@ -17,6 +17,7 @@ from speechllm import SpeechLLM, SpeechLLMConfig, training
 from speechllm.audio import SAMPLE_RATE
 from speechllm.data import DataError, SpeechDataset, load_example_audio, read_jsonl
 from speechllm.errors import InputError
+from speechllm.model import DEFAULT_PROMPT
 from speechllm.packaged_models import whisper_tiny_en
 from speechllm.ranking import (
     Ranking,
@@ -232,7 +233,9 @@ def test_ranking_refuses_a_chooser_with_a_second_whisper_before_the_models_load(
     tiny, tiny_en, clips_jsonl, tmp_path, monkeypatch
 ):
     """Its n-best is decoded at choosing time, never cached for training: the ranking would train on other lists."""
-    saved = SpeechLLMConfig(nbest=3, ger_decoding="rescore", second_whisper_model_name_or_path="base")
+    saved = SpeechLLMConfig(
+        nbest=3, ger_decoding="rescore", prompt=DEFAULT_PROMPT, second_whisper_model_name_or_path="base"
+    )  # a chooser's prompt that does not list the n-best, as a second Whisper needs
     saved.save_pretrained(tmp_path / "chooser")
     safetensors.torch.save_file({}, str(tmp_path / "chooser" / "model.safetensors"))  # refused before it is read
     monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("the models were loaded first"))

@@ -381,6 +381,12 @@ def one_error_line(capsys, run) -> str:
         ("plain", [], "Hypotheses: <nbest> <speech>", r"line\.jsonl:1: '<nbest>' in a prompt for a model without"),
         ("ger", ["--prompt", "<speech>Fix it."], None, "--prompt: an error correction prompt must contain '<nbest>'"),
         ("ger", [], "<speech>Fix it.", r"line\.jsonl:1: an error correction prompt must contain '<nbest>'"),
+        (
+            "ger",
+            ["--ger_decoding", "rescore", "--second_whisper_model_name_or_path", "base", "--prompt", "<speech>"],
+            "Hypotheses: <nbest> <speech>",
+            r"line\.jsonl:1: a second Whisper doubles the n-best, which a prompt that lists it was not trained on$",
+        ),
         ("plain", ["--batch_size", "0"], None, "--batch_size must be at least 1, not 0"),
         ("plain", ["--num_beams", "0"], None, "--num_beams must be at least 1, not 0"),
         ("plain", ["--max_new_tokens", "-1"], None, "--max_new_tokens must be at least 1, not -1"),
