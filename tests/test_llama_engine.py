@@ -37,8 +37,10 @@ from speechllm.recognition import parse as recognize_parse
 
 STEPS = 24
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# as test_real_models.py: greedy on LJ001-0080 alone (its own Q4_1 file + the LoRA adapter: measured 2 errors of 17)
-SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS = 2
+# Greedy on the three demo clips (37 words) through SmolLM2's own Q4_1 file + the LoRA adapter: measured 9 errors on
+# CPUs without AMX (as the torch path) and 13 on one with AMX, whose int8 kernels round the activations otherwise and
+# greedy decoding drifts; with the LoRA left out 56, a misloaded projector 37 or more. At most half the words: it hears.
+SHIPPED_GGUF_THREE_CLIPS_MAX_ERRORS = 18
 
 
 @pytest.fixture(autouse=True)
@@ -318,16 +320,17 @@ def test_speed_bench_times_the_engines_phases(make_model, tiny, tmp_path):
 
 def test_the_shipped_model_writes_the_torch_paths_tokens(tmp_path):
     """The real llama-architecture GGUF (SmolLM2, Q4_1) with the shipped LoRA: merged into f32, the same tokens;
-    its own Q4_1 file with the LoRA as an adapter still reads the clip the torch path reads."""
+    its own Q4_1 file with the LoRA as an adapter still reads the clips (its quantised steps may drift from the torch
+    path's text, by the CPU's kernels)."""
     model = SpeechLLM.from_pretrained(EXAMPLES / "tiny_en_smollm2")
     examples = read_jsonl(str(EXAMPLES / "audio" / "data.jsonl"))
     audios = [load_audio(e.wav) for e in examples]
     expected = model.decode_batch(audios, max_new_tokens=30)
     same_hypotheses(expected, engine_decoder(model, "llama.cpp", weights="f32").decode_batch(audios, max_new_tokens=30))
-    (clip,) = [n for n, e in enumerate(examples) if e.key == "LJ001-0080"]
-    (hypothesis,) = engine_decoder(model, "llama.cpp", weights="gguf").decode_batch([audios[clip]], max_new_tokens=30)
-    text = hypothesis.text
-    assert word_errors(examples[clip].txt, text) <= SHIPPED_PROJECTOR_ONE_CLIP_MAX_ERRORS, text
+    own_file = engine_decoder(model, "llama.cpp", weights="gguf")
+    texts = [own_file.decode_batch([audio], max_new_tokens=30)[0].text for audio in audios]
+    errors = sum(word_errors(e.txt, text) for e, text in zip(examples, texts))
+    assert errors <= SHIPPED_GGUF_THREE_CLIPS_MAX_ERRORS, texts
 
 
 def test_transcribe_takes_the_engine(make_model):
