@@ -11,7 +11,7 @@ from transformers import DynamicCache, LogitsProcessorList, RepetitionPenaltyLog
 
 from .audio import SAMPLE_RATE
 from .errors import InputError
-from .hypothesis import Hypothesis, loop_guards, token_budget
+from .hypothesis import Hypothesis, check_batch, loop_guards, token_budget
 from .inputs import as_clips
 from .llama_engine import engine_decoder
 from .logprobs import token_logprobs
@@ -71,6 +71,7 @@ def decode_batch(
     with_logprobs: fill in avg_logprob (generation then keeps every step's scores, batch x beams x vocabulary).
     A model with ger_decoding "rescore" chooses among Whisper's n-best instead (rescoring.py): no generation, so
     num_beams, max_new_tokens and options do not apply, and avg_logprob is the LLM's of the chosen text."""
+    check_batch(audios, prompts, nbest)
     started = time.perf_counter()
     prompts = prompts or [None] * len(audios)
     if model.config.ger_decoding == "rescore":  # nothing generated: no loop, no token budget
@@ -146,6 +147,7 @@ def transcribe(
     sampling_rate=SAMPLE_RATE,
     return_details=False,
     engine="torch",
+    nbest=None,
     **options,
 ):
     """One clip or a list of clips to text (a string or a list of strings). A clip is a file path, or a numpy
@@ -153,14 +155,22 @@ def transcribe(
     down). return_details: Hypothesis objects (text, token_ids, finished, avg_logprob, decoding_seconds)
     instead. options: generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults:
     model.generation_config). engine: "torch", or "llama.cpp" for the LLM's steps in llama.cpp (greedy, CPU;
-    llama_engine.py)."""
+    llama_engine.py). nbest: an error-correction model's cached n-best, one list (or None: decoded) a clip."""
     clips, single = as_clips(audio, sampling_rate)
+    nbest = [nbest] if single and nbest is not None else nbest
+    check_batch(clips, None, nbest)
     decoder = engine_decoder(model, engine)
     results = []
     for start in range(0, len(clips), batch_size):
         batch = clips[start : start + batch_size]
         hypotheses = decoder.decode_batch(
-            batch, [prompt] * len(batch), num_beams, max_new_tokens, with_logprobs=return_details, **options
+            batch,
+            [prompt] * len(batch),
+            num_beams,
+            max_new_tokens,
+            nbest=nbest and nbest[start : start + batch_size],
+            with_logprobs=return_details,
+            **options,
         )
         results += hypotheses if return_details else [h.text for h in hypotheses]
     return results[0] if single else results

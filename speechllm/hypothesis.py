@@ -21,9 +21,21 @@ class Hypothesis:
     decoding_seconds: float = 0.0  # the clip's share of its batch's wall time: features, encoder, generation
 
 
+def check_batch(audios, prompts, nbest):
+    """A batch's prompts and cached n-best, where given, are one a clip (zip would drop the clips past the shorter)."""
+    for name, values in (("prompts", prompts), ("nbest lists", nbest)):
+        if values is not None and len(values) != len(audios):
+            raise ValueError(f"{len(audios)} clips and {len(values)} {name}: give one a clip (None: the default)")
+
+
 def loop_guards(model, options: dict) -> dict:
     """The loop guards a decoding call uses: the model's generation_config's, overridden by the call's options."""
-    return {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
+    guards = {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
+    if guards["repetition_penalty"] <= 0:  # it divides the scores of the tokens already written
+        raise ValueError(f"repetition_penalty must be above 0 (1: none), not {guards['repetition_penalty']}")
+    if guards["no_repeat_ngram_size"] < 0:
+        raise ValueError(f"no_repeat_ngram_size must be 0 (none) or more, not {guards['no_repeat_ngram_size']}")
+    return guards
 
 
 def token_budget(model, audios, prompts) -> int:

@@ -11,6 +11,7 @@ import torch
 from .audio import SAMPLE_RATE, load_audio
 from .data import DataError, Example, load_example_audio, read_jsonl
 
+PCM_TYPES = (np.int16, np.int32)  # integer samples taken as PCM, scaled by their full range
 # What a folder is searched for: what soundfile reads, and the common formats only ffmpeg does.
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac", ".wma", ".aiff", ".aif", ".au", ".webm"}
 GUESSED_BYTES_PER_SECOND = 16000  # 128 kb/s: a length guess for ordering clips only ffmpeg can read
@@ -23,7 +24,7 @@ def read_inputs(inputs: list[str]) -> list[Example]:
         raise DataError("nothing to transcribe: give audio files, folders or jsonl files")
     examples, where = [], {}
     for item in inputs:
-        if os.path.isfile(item) and item.endswith(".jsonl"):
+        if is_jsonl(item):
             found = read_jsonl(item, require_text=False)
         elif os.path.isdir(item):
             found = [file_example(path) for path in audio_files(item)]
@@ -35,10 +36,24 @@ def read_inputs(inputs: list[str]) -> list[Example]:
             raise DataError(f"{item}: no such file or folder")
         for example in found:
             if example.key in where:
-                raise DataError(f"{example.where}: key {example.key!r} already used by {where[example.key]}")
+                raise DataError(
+                    f"{example.where}: key {example.key!r} already used by {where[example.key]} (a jsonl line's key "
+                    'is its line number unless it has a "key")'
+                )
             where[example.key] = example.where
         examples += found
     return examples
+
+
+def is_jsonl(path: str) -> bool:
+    """A file of jsonl lines: named .jsonl, or whatever its name (WeST's data.list), starting with "{", which no
+    audio format does."""
+    if not os.path.isfile(path):
+        return False
+    if path.lower().endswith(".jsonl"):
+        return True
+    with open(path, "rb") as file:
+        return file.read(4096).lstrip()[:1] == b"{"
 
 
 def audio_files(folder: str) -> list[str]:
@@ -84,9 +99,11 @@ def as_clip(audio, sampling_rate: int) -> np.ndarray:
         return load_audio(os.fspath(audio))
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().cpu()
-        audio = (audio if audio.dtype in (torch.int16, torch.int32) else audio.float()).numpy()
+        audio = (audio if not (audio.is_floating_point() or audio.is_complex()) else audio.float()).numpy()
     audio = np.asarray(audio)
     if np.issubdtype(audio.dtype, np.integer):  # PCM samples: full scale is the type's range
+        if audio.dtype not in PCM_TYPES:  # int64 holds no PCM format's full scale; unsigned ones are offset
+            raise ValueError(f"integer samples are 16- or 32-bit PCM, not {audio.dtype}: give floats in [-1, 1]")
         audio = audio / float(np.iinfo(audio.dtype).max + 1)
     audio = audio.astype(np.float32)
     if audio.ndim == 2:

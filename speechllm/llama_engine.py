@@ -23,7 +23,7 @@ import torch
 
 from .errors import InputError
 from .gguf_export import WEIGHT_TYPES, llm_gguf
-from .hypothesis import LOOP_GUARDS, Hypothesis, loop_guards, token_budget
+from .hypothesis import LOOP_GUARDS, Hypothesis, check_batch, loop_guards, token_budget
 from .nbest import prompt_batch
 
 ENGINES = ("torch", "llama.cpp")
@@ -130,6 +130,7 @@ class LlamaCppDecoder:
         unknown = sorted(set(options) - set(LOOP_GUARDS))
         if unknown:
             raise InputError(f"the llama.cpp engine takes the loop guards {', '.join(LOOP_GUARDS)}, not {unknown}")
+        check_batch(audios, prompts, nbest)
         started = time.perf_counter()
         prompts = prompts or [None] * len(audios)
         max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)

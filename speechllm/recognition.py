@@ -19,7 +19,7 @@ from .data import DataError
 from .errors import InputError, user_errors
 from .gguf_export import WEIGHT_TYPES
 from .hub import SAVED_FILES, hash_file, pretrained_folder
-from .inputs import input_seconds, load_input_audio, read_inputs
+from .inputs import input_seconds, is_jsonl, load_input_audio, read_inputs
 from .llama_engine import DEFAULT_WEIGHTS, ENGINES, engine_decoder, import_llama_cpp
 from .llm import MODEL_DTYPES
 from .metrics import error_rate, format_error_rate
@@ -27,7 +27,15 @@ from .model import SpeechLLM, SpeechLLMConfig
 from .nbest import check_task_prompt
 from .quantization import quantize_llm_int8
 from .rescoring import GER_DECODINGS
-from .results import FORMATS, PartialResults, ResultsError, format_lines, result_format, write_whole
+from .results import (
+    FORMATS,
+    PartialResults,
+    ResultsError,
+    check_writable,
+    format_lines,
+    result_format,
+    write_whole,
+)
 
 # recognize.py's beams where the engine has beam search (torch's generate); llama.cpp's engine decodes greedily.
 DEFAULT_NUM_BEAMS = {"torch": 4, "llama.cpp": 1}
@@ -145,8 +153,12 @@ class RecognizeArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name} must be at least 1, not {value}")
-        if self.result_path and os.path.isdir(self.result_path):
+        if self.result_path and (os.path.isdir(self.result_path) or self.result_path.endswith(("/", os.sep))):
             raise InputError(f"--result_path {self.result_path}: a folder; give the file to write the results to")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise InputError(f"--repetition_penalty must be above 0 (1: none), not {self.repetition_penalty}")
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:
+            raise InputError(f"--no_repeat_ngram_size must be 0 (none) or more, not {self.no_repeat_ngram_size}")
 
     def decoding_options(self) -> dict:
         """The loop guards given on the command line; the others keep the model's own."""
@@ -154,8 +166,9 @@ class RecognizeArguments:
         return {name: value for name, value in guards.items() if value is not None}
 
 
-# Options that do not change a clip's hypothesis: a rerun may change them and still reuse saved results.
-NOT_IN_SETTINGS = ("data_path", "result_path", "result_format", "batch_size", "metric")
+# Options that do not change a clip's hypothesis: a rerun may change them and still reuse saved results. The model
+# is known by its files' digest (the settings' "model"), not by how its path was spelt.
+NOT_IN_SETTINGS = ("data_path", "result_path", "result_format", "batch_size", "metric", "projector_model_path")
 # What a saved row records of where it came from (its input's identity and source), left out of the results.
 PROVENANCE = ("input", "source")
 
@@ -305,10 +318,12 @@ def transcribe_inputs(args: RecognizeArguments, inputs: list[str], state: Partia
         check_prompts(config, examples, args.prompt, args.projector_model_path)
     fmt = result_format(args.result_path, args.result_format)
     plain = args.result_path is None and args.result_format is None and len(inputs) == 1 and len(examples) == 1
-    plain = plain and not os.path.isdir(inputs[0]) and not inputs[0].endswith(".jsonl")  # whisper's `whisper clip`
+    plain = plain and not os.path.isdir(inputs[0]) and not is_jsonl(inputs[0])  # whisper's `whisper clip`
 
     partial, done, save = None, {}, None
     if args.result_path:
+        with user_errors(ResultsError):
+            check_writable(args.result_path)
         settings = {k: v for k, v in asdict(args).items() if k not in NOT_IN_SETTINGS}
         settings["model"] = model_identity(folder)
         partial = PartialResults(args.result_path, state.process_index, settings)
@@ -344,7 +359,7 @@ def transcribe_inputs(args: RecognizeArguments, inputs: list[str], state: Partia
                 quantize_llm_int8(model.llm)
         with user_errors(InputError):
             decoder = engine_decoder(model, args.engine, args.gguf_weights)
-        with user_errors(DataError, AudioError):
+        with user_errors(DataError, AudioError, OSError):  # OSError: the part file could not be written
             rows = recognize(
                 decoder, todo, args.batch_size, args.num_beams, args.max_new_tokens, args.prompt, save,
                 **args.decoding_options(),
@@ -358,11 +373,12 @@ def transcribe_inputs(args: RecognizeArguments, inputs: list[str], state: Partia
         results = [jsonl_row(e, row) for e, row in zip(examples, results)]
     lines = [results[0]["text"]] if plain else format_lines(results, fmt)
     if args.result_path:
-        write_whole(args.result_path, lines)
+        with user_errors(OSError):  # the part files stay: a rerun writes the results from them
+            write_whole(args.result_path, lines)
         partial.remove()
     else:
         print("\n".join(lines), flush=True)
-    with user_errors(ValueError):  # e.g. references that normalise to nothing
+    with user_errors(ValueError, OSError):  # e.g. references that normalise to nothing
         return score(examples, [row["text"] for row in results], args)
 
 

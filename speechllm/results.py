@@ -48,6 +48,20 @@ def write_whole(path: str, lines: list[str]):
     write_atomically(path, write)
 
 
+def check_writable(result_path: str):
+    """The result file's folder is there, or made, and can be written to: found before any model loads, not after
+    the decoding."""
+    folder = os.path.dirname(os.path.abspath(result_path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ResultsError(f"--result_path {result_path}: a file stands where its folder would be") from None
+    except OSError as error:
+        raise ResultsError(f"--result_path {result_path}: cannot make its folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ResultsError(f"--result_path {result_path}: {folder} cannot be written to")
+
+
 class PartialResults:
     """RESULT_PATH.part<N>: process N's results, a JSON line each, appended and flushed as each batch is decoded.
 

@@ -54,6 +54,10 @@ def test_paths_arrays_and_tensors_give_the_same_clip(tiny):
     np.testing.assert_allclose(clips[3], audio, atol=4e-3)  # bf16 rounding only
     pcm = (audio * 32767).astype(np.int16)  # integer PCM is scaled to [-1, 1)
     np.testing.assert_allclose(as_clips(pcm)[0][0], audio, atol=1e-4)
+    np.testing.assert_allclose(as_clips(torch.from_numpy(pcm))[0][0], audio, atol=1e-4)  # as a tensor too
+    pcm32 = pcm.astype(np.int32) << 16
+    for clip in (pcm32, torch.from_numpy(pcm32)):
+        np.testing.assert_allclose(as_clips(clip)[0][0], audio, atol=1e-4)
 
 
 def test_stereo_is_mixed_down_and_other_rates_resampled():
@@ -75,6 +79,32 @@ def test_unusable_arrays_are_clear_errors():
         as_clips(np.zeros((1, 2, 3)))
     with pytest.raises(ValueError, match="holds no samples"):
         as_clips(np.zeros(0))
+    # no integer type but 16- and 32-bit PCM has a full scale to divide by: int64 became near silence, a torch
+    # int64 tensor went in unscaled, uint8 kept an offset of half its range
+    for clip in (np.ones(8, np.int64), torch.ones(8, dtype=torch.int64), np.ones(8, np.uint8)):
+        with pytest.raises(ValueError, match="integer samples are 16- or 32-bit PCM, not (int64|uint8): give floats"):
+            as_clips(clip)
+
+
+def test_prompts_and_nbest_lists_are_one_a_clip(model, tiny, monkeypatch):
+    """A batch's prompts and n-best lists of another length than its clips are refused: zip kept the shorter and
+    dropped clips. transcribe() hands each batch its own clips' n-best."""
+    paths = [str(tiny["root"] / f"utt{i}.wav") for i in range(3)]
+    audios = [load_audio(path) for path in paths]
+    with pytest.raises(ValueError, match="3 clips and 1 prompts: give one a clip"):
+        model.decode_batch(audios, [model.config.prompt], max_new_tokens=4)
+    with pytest.raises(ValueError, match="3 clips and 2 nbest lists: give one a clip"):
+        model.transcribe(paths, max_new_tokens=4, nbest=[["a"], ["b"]])
+    given = []
+
+    def decode_batch(audios, *args, nbest=None, **kwargs):
+        given.append(nbest)
+        return [Hypothesis("", [], True) for _ in audios]
+
+    monkeypatch.setattr(model, "decode_batch", decode_batch)
+    model.transcribe(paths, batch_size=2, nbest=[["a"], ["b"], ["c"]])
+    model.transcribe(paths[0], nbest=["x", "y"])  # one clip: its own list
+    assert given == [[["a"], ["b"]], [["c"]], [["x", "y"]]]
 
 
 def test_transcribe_takes_tensors_stereo_and_other_rates(model, tiny):
@@ -121,3 +151,13 @@ def test_details_hold_the_tokens_and_their_mean_log_probability(model, tiny):
     assert [b.text for b in beams] == model.transcribe(paths, num_beams=3, max_new_tokens=8)
     assert all(b.avg_logprob <= 0 and (b.finished or len(b.token_ids) == 8) for b in beams)
     assert model.transcribe(paths[0], max_new_tokens=8, return_details=False) == details[0].text
+
+
+def test_loop_guards_that_cannot_work_are_refused(model, tiny):
+    """A repetition penalty of 0 divided the written tokens' scores by zero in the llama.cpp engine (garbage text)
+    and failed deep in generate(); a negative n-gram size is no guard."""
+    path = str(tiny["root"] / "utt0.wav")
+    with pytest.raises(ValueError, match=r"repetition_penalty must be above 0 \(1: none\), not 0$"):
+        model.transcribe(path, max_new_tokens=4, repetition_penalty=0)
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size must be 0 \(none\) or more, not -2$"):
+        model.transcribe(path, max_new_tokens=4, no_repeat_ngram_size=-2)

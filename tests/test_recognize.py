@@ -144,7 +144,7 @@ def test_results_are_kept_as_produced_and_a_rerun_decodes_only_the_rest(saved_mo
 
     shutil.copy(Path(tiny["root"]) / "utt0.wav", bad_wav)  # the user fixes the file and runs it again
     decoded.clear()
-    recognize(model_dir, data, result_path, *FAST, "--batch_size", "2")
+    recognize(model_dir + "/", data, result_path, *FAST, "--batch_size", "2")  # the model's path spelt otherwise
     assert decoded == [1]  # only the clip that failed
     assert not list(tmp_path.glob("hyp.txt.part*"))
     recognize(model_dir, data, tmp_path / "fresh.txt", *FAST, "--batch_size", "2")
@@ -388,6 +388,13 @@ def one_error_line(capsys, run) -> str:
             r"line\.jsonl:1: a second Whisper doubles the n-best, which a prompt that lists it was not trained on$",
         ),
         ("plain", ["--batch_size", "0"], None, "--batch_size must be at least 1, not 0"),
+        ("plain", ["--repetition_penalty", "0"], None, r"--repetition_penalty must be above 0 \(1: none\), not 0.0$"),
+        (
+            "plain",
+            ["--no_repeat_ngram_size", "-1"],
+            None,
+            r"--no_repeat_ngram_size must be 0 \(none\) or more, not -1$",
+        ),
         ("plain", ["--num_beams", "0"], None, "--num_beams must be at least 1, not 0"),
         ("plain", ["--max_new_tokens", "-1"], None, "--max_new_tokens must be at least 1, not -1"),
     ],
@@ -408,6 +415,26 @@ def test_a_result_path_that_is_a_folder_is_refused_before_decoding(saved_model, 
     (tmp_path / "out").mkdir()
     error = one_error_line(capsys, lambda: recognize(saved_model[1], tiny["jsonl"], tmp_path / "out"))
     assert error.endswith(f"error: --result_path {tmp_path / 'out'}: a folder; give the file to write the results to")
+    new_folder = (
+        f"{tmp_path / 'new'}/"  # not there yet: it was made, decoded into, and the results could not be written
+    )
+    error = one_error_line(capsys, lambda: recognize(saved_model[1], tiny["jsonl"], new_folder))
+    assert error.endswith(f"error: --result_path {new_folder}: a folder; give the file to write the results to")
+    under_a_file = tmp_path / "hyp.txt" / "out.txt"  # a traceback after the decoding, before
+    (tmp_path / "hyp.txt").write_text("kept\n")
+    error = one_error_line(capsys, lambda: recognize(saved_model[1], tiny["jsonl"], under_a_file))
+    assert error.endswith(f"error: --result_path {under_a_file}: a file stands where its folder would be")
+    assert sorted(os.listdir(tmp_path)) == ["hyp.txt", "model", "out"]
+    assert (tmp_path / "hyp.txt").read_text() == "kept\n"
+
+
+def test_a_jsonl_by_another_name_is_read_as_jsonl(saved_model, tiny, tmp_path):
+    """WeST's data.list, or data.JSONL: a file whose first character is "{" holds jsonl lines, not audio."""
+    listed = Path(tiny["root"]) / "data.list"
+    shutil.copy(tiny["jsonl"], listed)
+    recognize(saved_model[1], listed, tmp_path / "listed.txt", *FAST)
+    recognize(saved_model[1], tiny["jsonl"], tmp_path / "jsonl.txt", *FAST)
+    assert read_results(tmp_path / "listed.txt") == read_results(tmp_path / "jsonl.txt")
 
 
 def test_projector_paths_that_hold_no_saved_model_are_one_line_before_the_models_load(
