@@ -11,7 +11,7 @@ from transformers import DynamicCache, LogitsProcessorList, RepetitionPenaltyLog
 
 from .audio import SAMPLE_RATE
 from .errors import InputError
-from .hypothesis import Hypothesis, check_batch, loop_guards, token_budget
+from .hypothesis import Hypothesis, check_batch, loop_guards, token_budgets, within_budget
 from .inputs import as_clips
 from .llama_engine import engine_decoder
 from .logprobs import token_logprobs
@@ -97,12 +97,12 @@ def chosen_hypotheses(model, audios, prompts, nbest) -> list[Hypothesis]:
 
 def written_hypotheses(model, audios, prompts, nbest, num_beams, max_new_tokens, with_logprobs, **options):
     """Each clip's transcript (or answer) as the LLM generates it, cut at its first stop token."""
-    max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
+    budgets = [max_new_tokens] * len(audios) if max_new_tokens else token_budgets(model, audios, prompts)
     options = penalty_over_generated_tokens(loop_guards(model, options))
     batch = {name: tensor.to(model.llm.device) for name, tensor in prompt_batch(model, audios, prompts, nbest).items()}
     scores = {"return_dict_in_generate": True, "output_scores": True} if with_logprobs else {}
     output = model.generate(
-        **batch, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **options, **scores
+        **batch, num_beams=num_beams, do_sample=False, max_new_tokens=max(budgets), **options, **scores
     )
     rows = output.sequences if with_logprobs else output
     logprobs = token_logprobs(model.llm, output).tolist() if with_logprobs else None
@@ -110,12 +110,12 @@ def written_hypotheses(model, audios, prompts, nbest, num_beams, max_new_tokens,
     hypotheses = []
     for n, row in enumerate(rows.tolist()):
         end = next((i for i, token in enumerate(row) if token in stops), None)
-        ids = row if end is None else row[:end]
+        ids, finished = within_budget(row if end is None else row[:end], end is not None, budgets[n])
         text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
         # The stop token is part of the answer's probability: how sure the LLM was that it had ended.
-        scored = logprobs[n][: len(ids) + (end is not None)] if logprobs else None
+        scored = logprobs[n][: len(ids) + finished] if logprobs else None
         avg_logprob = sum(scored) / len(scored) if scored else None
-        hypotheses.append(Hypothesis(text, ids, end is not None, avg_logprob))
+        hypotheses.append(Hypothesis(text, ids, finished, avg_logprob))
     return hypotheses
 
 

@@ -38,11 +38,21 @@ def loop_guards(model, options: dict) -> dict:
     return guards
 
 
-def token_budget(model, audios, prompts) -> int:
-    """max_new_tokens when none is given: room for the longest clip's words with the model's own prompt, at least
-    answer_max_new_tokens with any other (a summary, a reply to a spoken question is not as long as the audio)."""
-    longest_seconds = max(len(audio) for audio in audios) / SAMPLE_RATE
-    budget = math.ceil(longest_seconds * TOKENS_PER_SECOND) + TOKEN_BUDGET_MARGIN
-    if any(prompt not in (None, model.config.prompt) for prompt in prompts):
-        budget = max(budget, model.config.answer_max_new_tokens)
-    return budget
+def token_budgets(model, audios, prompts) -> list[int]:
+    """max_new_tokens when none is given, a clip each: room for its words with the model's own prompt, at least
+    answer_max_new_tokens with any other (a summary, a reply to a spoken question is not as long as the audio). A
+    batch generates to the largest and cuts each answer at its own (within_budget), so that a clip's text does not
+    depend on the clips it is decoded with."""
+    budgets = []
+    for audio, prompt in zip(audios, prompts):
+        budget = math.ceil(len(audio) / SAMPLE_RATE * TOKENS_PER_SECOND) + TOKEN_BUDGET_MARGIN
+        if prompt not in (None, model.config.prompt):
+            budget = max(budget, model.config.answer_max_new_tokens)
+        budgets.append(budget)
+    return budgets
+
+
+def within_budget(ids: list[int], finished: bool, budget: int) -> tuple[list[int], bool]:
+    """An answer's tokens and whether it ended, as decoding it alone to budget tokens would give them: one that
+    reached its budget is cut there, unfinished."""
+    return (ids[:budget], False) if len(ids) >= budget else (ids, finished)

@@ -23,7 +23,7 @@ import torch
 
 from .errors import InputError
 from .gguf_export import WEIGHT_TYPES, llm_gguf
-from .hypothesis import LOOP_GUARDS, Hypothesis, check_batch, loop_guards, token_budget
+from .hypothesis import LOOP_GUARDS, Hypothesis, check_batch, loop_guards, token_budgets, within_budget
 from .nbest import prompt_batch
 
 ENGINES = ("torch", "llama.cpp")
@@ -133,7 +133,7 @@ class LlamaCppDecoder:
         check_batch(audios, prompts, nbest)
         started = time.perf_counter()
         prompts = prompts or [None] * len(audios)
-        max_new_tokens = max_new_tokens or token_budget(model, audios, prompts)
+        budgets = [max_new_tokens] * len(audios) if max_new_tokens else token_budgets(model, audios, prompts)
         guards = loop_guards(model, options)
         batch = prompt_batch(model, audios, prompts, nbest)
         device = model.llm.device
@@ -147,10 +147,12 @@ class LlamaCppDecoder:
             [audio[r].tolist() for audio, r in zip(batch["audio_mask"], real)],
         )
         stops = set(model.processor.stop_token_ids)
-        generated, logprobs, finished = self.llm.generate(rows, prefix, max_new_tokens, guards, stops, with_logprobs)
+        generated, logprobs, finished = self.llm.generate(rows, prefix, max(budgets), guards, stops, with_logprobs)
         seconds = (time.perf_counter() - started) / len(audios)  # decoded together: each clip its share
         hypotheses = []
-        for ids, scored, ended in zip(generated, logprobs, finished):
+        for ids, scored, ended, budget in zip(generated, logprobs, finished, budgets):
+            ids, ended = within_budget(ids, ended, budget)
+            scored = scored[: len(ids) + ended]
             text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
             avg_logprob = sum(scored) / len(scored) if with_logprobs and scored else None
             hypotheses.append(Hypothesis(text, ids, ended, avg_logprob, seconds))

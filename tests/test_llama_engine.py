@@ -141,6 +141,17 @@ def test_a_clips_repetition_penalty_does_not_depend_on_its_batch(make_model):
     same_hypotheses(alone, batch)
 
 
+def test_each_clip_is_cut_at_its_own_default_budget_as_in_the_torch_path(make_model):
+    """Without max_new_tokens the batch runs to its longest clip's budget; each clip's answer is cut at its own, as
+    decoded alone."""
+    model = steered(make_model("llama")).eval()
+    decoder = engine_decoder(model, "llama.cpp", weights="f32")
+    batch = decoder.decode_batch(clips())
+    assert [len(h.token_ids) for h in batch if not h.finished] == [22, 27, 33]  # 0.7, 1.3, 2.1 s: 8 a second + 16
+    same_hypotheses([decoder.decode_batch([audio])[0] for audio in clips()], batch)
+    same_hypotheses(model.decode_batch(clips()), batch)
+
+
 def test_stops_where_the_torch_path_stops(make_model):
     model = steered(make_model("llama")).eval()
     decoder = engine_decoder(model, "llama.cpp", weights="f32")

@@ -269,3 +269,20 @@ def test_a_torn_llm_weights_file_is_one_line(tiny, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(InputError, match=f"cannot load the LLM '{torn}'"):
         load_llm(str(torn), torch.float32)
+
+
+def test_a_clips_default_budget_does_not_depend_on_its_batch(make_model):
+    """Decoded beside a longer clip (or one with another prompt), a clip that never ends is cut at its own budget,
+    unfinished, as decoded alone: the batch generates to the largest budget, and the text of a looping clip moved
+    with --batch_size (up to 7x the words beside a 30 s clip)."""
+    model = make_model()
+    second, ten_seconds = [
+        np.random.default_rng(seed).normal(0, 0.1, n * SAMPLE_RATE).astype(np.float32) for seed, n in ((0, 1), (1, 10))
+    ]
+    (alone,) = model.decode_batch([second])
+    assert not alone.finished and len(alone.token_ids) == 24  # the tiny model runs on: 8 tokens a second + 16
+    for together in (
+        model.decode_batch([second, ten_seconds])[0],
+        model.decode_batch([second, second], [None, "Summarise: <speech>"])[0],
+    ):
+        assert (together.text, together.token_ids, together.finished) == (alone.text, alone.token_ids, False)
