@@ -53,6 +53,6 @@ def token_budgets(model, audios, prompts) -> list[int]:
 
 
 def within_budget(ids: list[int], finished: bool, budget: int) -> tuple[list[int], bool]:
-    """An answer's tokens and whether it ended, as decoding it alone to budget tokens would give them: one that
-    reached its budget is cut there, unfinished."""
+    """An answer's tokens and whether it ended, as greedy decoding it alone to budget tokens would give them (beam
+    search: the batch's best beam, cut): one that reached its budget is cut there, unfinished."""
     return (ids[:budget], False) if len(ids) >= budget else (ids, finished)
