@@ -156,6 +156,8 @@ def transcribe(
     instead. options: generate()'s, e.g. repetition_penalty=1.1 or no_repeat_ngram_size=3 (defaults:
     model.generation_config). engine: "torch", or "llama.cpp" for the LLM's steps in llama.cpp (greedy, CPU;
     llama_engine.py). nbest: an error-correction model's cached n-best, one list (or None: decoded) a clip."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     clips, single = as_clips(audio, sampling_rate)
     nbest = [nbest] if single and nbest is not None else nbest
     check_batch(clips, None, nbest)

@@ -155,6 +155,8 @@ class RecognizeArguments:
                 raise InputError(f"--{name} must be at least 1, not {value}")
         if self.result_path and (os.path.isdir(self.result_path) or self.result_path.endswith(("/", os.sep))):
             raise InputError(f"--result_path {self.result_path}: a folder; give the file to write the results to")
+        if self.nbest is not None and self.nbest < 0:
+            raise InputError(f"--nbest must be 0 (plain recognition) or the number of hypotheses, not {self.nbest}")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise InputError(f"--repetition_penalty must be above 0 (1: none), not {self.repetition_penalty}")
         if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:

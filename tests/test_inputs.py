@@ -93,6 +93,8 @@ def test_prompts_and_nbest_lists_are_one_a_clip(model, tiny, monkeypatch):
     audios = [load_audio(path) for path in paths]
     with pytest.raises(ValueError, match="3 clips and 1 prompts: give one a clip"):
         model.decode_batch(audios, [model.config.prompt], max_new_tokens=4)
+    with pytest.raises(ValueError, match="batch_size must be at least 1, not 0"):
+        model.transcribe(paths, batch_size=0)
     with pytest.raises(ValueError, match="3 clips and 2 nbest lists: give one a clip"):
         model.transcribe(paths, max_new_tokens=4, nbest=[["a"], ["b"]])
     given = []

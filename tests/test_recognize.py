@@ -388,6 +388,7 @@ def one_error_line(capsys, run) -> str:
             r"line\.jsonl:1: a second Whisper doubles the n-best, which a prompt that lists it was not trained on$",
         ),
         ("plain", ["--batch_size", "0"], None, "--batch_size must be at least 1, not 0"),
+        ("plain", ["--nbest", "-1"], None, r"--nbest must be 0 \(plain recognition\) or the number of hyp.*, not -1$"),
         ("plain", ["--repetition_penalty", "0"], None, r"--repetition_penalty must be above 0 \(1: none\), not 0.0$"),
         (
             "plain",
