@@ -31,11 +31,17 @@ def check_batch(audios, prompts, nbest):
 def loop_guards(model, options: dict) -> dict:
     """The loop guards a decoding call uses: the model's generation_config's, overridden by the call's options."""
     guards = {**{name: getattr(model.generation_config, name) for name in LOOP_GUARDS}, **options}
-    if guards["repetition_penalty"] <= 0:  # it divides the scores of the tokens already written
-        raise ValueError(f"repetition_penalty must be above 0 (1: none), not {guards['repetition_penalty']}")
-    if guards["no_repeat_ngram_size"] < 0:
-        raise ValueError(f"no_repeat_ngram_size must be 0 (none) or more, not {guards['no_repeat_ngram_size']}")
+    check_loop_guards(guards)
     return guards
+
+
+def check_loop_guards(guards: dict):
+    """The loop guards given (a dict of any of LOOP_GUARDS) can work."""
+    penalty, ngram_size = guards.get("repetition_penalty"), guards.get("no_repeat_ngram_size")
+    if penalty is not None and penalty <= 0:  # it divides the scores of the tokens already written
+        raise ValueError(f"repetition_penalty must be above 0 (1: none), not {penalty}")
+    if ngram_size is not None and ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be 0 (none) or more, not {ngram_size}")
 
 
 def token_budgets(model, audios, prompts) -> list[int]:

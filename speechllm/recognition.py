@@ -19,6 +19,7 @@ from .data import DataError
 from .errors import InputError, user_errors
 from .gguf_export import WEIGHT_TYPES
 from .hub import SAVED_FILES, hash_file, pretrained_folder
+from .hypothesis import check_loop_guards
 from .inputs import input_seconds, is_jsonl, load_input_audio, read_inputs
 from .llama_engine import DEFAULT_WEIGHTS, ENGINES, engine_decoder, import_llama_cpp
 from .llm import MODEL_DTYPES
@@ -157,10 +158,10 @@ class RecognizeArguments:
             raise InputError(f"--result_path {self.result_path}: a folder; give the file to write the results to")
         if self.nbest is not None and self.nbest < 0:
             raise InputError(f"--nbest must be 0 (plain recognition) or the number of hypotheses, not {self.nbest}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise InputError(f"--repetition_penalty must be above 0 (1: none), not {self.repetition_penalty}")
-        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:
-            raise InputError(f"--no_repeat_ngram_size must be 0 (none) or more, not {self.no_repeat_ngram_size}")
+        try:
+            check_loop_guards(self.decoding_options())
+        except ValueError as error:  # named as the flag
+            raise InputError(f"--{error}") from None
 
     def decoding_options(self) -> dict:
         """The loop guards given on the command line; the others keep the model's own."""
